@@ -1,0 +1,1 @@
+"""kvpass.lowering: custom ops, their plain-torch reference implementations and device dispatch."""

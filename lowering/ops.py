@@ -1,0 +1,174 @@
+"""kvpass custom ops: the boundary between the graph pass and the kernels.
+
+    kvpass::kv_write(anchor_k, anchor_v, k_new, v_new, positions?, key_bits, value_bits,
+                     group_size, residual_length) -> token [1]
+        Writes new tokens k_new [B, H, n, Dk], v_new [B, H, n, Dv] into the store that the
+        cache tensors anchor_k/anchor_v stand for (created on first sight). positions=None
+        appends after the anchor's logical length (DynamicCache `cat`); otherwise tokens go to
+        positions[0] .. positions[0]+n-1 (StaticCache `index_copy_`, slice assignment), and
+        everything from positions[0] on is replaced. Returns a 1-element token registered to
+        the store: readers take it, which orders them after the write.
+    kvpass::attention(q, token, attn_mask?, kv_len, kv_repeat, head_dim_v, dropout_p, is_causal,
+                      scale?, enable_gqa) -> [B, Hq, Tq, Dv]
+        SDPA of q [B, Hq, Tq, D] over the store's first kv_len tokens, with the SDPA arguments
+        the model passed. kv_repeat > 1 reproduces a `repeat_kv` that fed SDPA.
+    kvpass::dequant(token, which, shape) -> [B, H, kv_len, D]
+        The store's keys (which=0) or values (which=1), dequantized: for any other reader.
+
+CPU (and every device without a kernel) runs the plain-torch reference: dequantize in fp32,
+cast to the model dtype, call torch's SDPA with the model's own arguments.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kvpass.store import KVStore, KVStoreError, StoreConfig, lookup, new_token, register
+
+_STANDIN_HINT = (
+    "kvpass keeps the cache in its own quantized store and the cache object holds NaN stand-ins; "
+    "an operation outside the compiled model materialized them (beam search `reorder_cache`, "
+    "`batch_repeat_interleave`, `index_select`...). kvpass does not support that: use greedy or "
+    "sampling with num_beams=1, and a fresh cache per generate() call."
+)
+
+
+def _ingest(store: KVStore, anchor_k, anchor_v, past_len: int):
+    """Fill a new store from a real full-precision cache (an eager prefill ran before)."""
+    if past_len == 0:
+        return
+    k, v = anchor_k[:, :, :past_len], anchor_v[:, :, :past_len]
+    if torch.isnan(k).any() or torch.isnan(v).any():
+        raise KVStoreError(_STANDIN_HINT)
+    store.append(k, v)
+
+
+def _store_for(anchor_k, anchor_v, k_new, v_new, cfg: StoreConfig, past_len: int) -> KVStore:
+    store = lookup(anchor_k)
+    if store is None:
+        dtype = anchor_k.dtype if anchor_k.dim() == 4 else k_new.dtype
+        B, H, _, Dk = k_new.shape
+        store = KVStore(cfg, B, H, Dk, v_new.shape[-1], dtype, k_new.device)
+        _ingest(store, anchor_k, anchor_v, past_len)
+        for anchor in (anchor_k, anchor_v):
+            if anchor.numel():
+                register(anchor, store)
+        return store
+    if store.cfg != cfg:
+        raise KVStoreError(
+            f"kvpass: this cache was filled with {store.cfg} and is now written with {cfg}; "
+            "one cache cannot change quantization settings. Use a fresh cache."
+        )
+    if past_len < store.length:
+        store.truncate(past_len)  # crop(), reset(), or a rewrite from an earlier position
+    elif past_len > store.length:
+        raise KVStoreError(
+            f"kvpass: the cache says {past_len} tokens precede this write but kvpass's store holds "
+            f"{store.length}; tokens were added outside the compiled model. Use a fresh cache."
+        )
+    return store
+
+
+def _start_position(positions: torch.Tensor) -> int:
+    n = positions.numel()
+    start = int(positions.reshape(-1)[0])
+    expected = torch.arange(start, start + n, device=positions.device)
+    if not torch.equal(positions.reshape(-1).to(expected.dtype), expected):
+        raise KVStoreError(
+            f"kvpass: cache writes must cover consecutive positions, got {positions.tolist()}; "
+            "scattered writes into a quantized cache are not supported."
+        )
+    return start
+
+
+@torch.library.custom_op("kvpass::kv_write", mutates_args=())
+def kv_write(
+    anchor_k: torch.Tensor,
+    anchor_v: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    positions: Optional[torch.Tensor],
+    key_bits: int,
+    value_bits: int,
+    group_size: int,
+    residual_length: int,
+) -> torch.Tensor:
+    cfg = StoreConfig(key_bits, value_bits, group_size, residual_length)
+    if positions is None:
+        past_len = anchor_k.shape[2] if anchor_k.dim() == 4 else 0
+    else:
+        past_len = _start_position(positions)
+    store = _store_for(anchor_k, anchor_v, k_new, v_new, cfg, past_len)
+    store.append(k_new, v_new)
+    return new_token(store)
+
+
+@kv_write.register_fake
+def _(anchor_k, anchor_v, k_new, v_new, positions, key_bits, value_bits, group_size, residual_length):
+    dtype = anchor_k.dtype if anchor_k.dim() == 4 else k_new.dtype
+    return k_new.new_empty(1, dtype=dtype)
+
+
+def _store_of(token: torch.Tensor) -> KVStore:
+    store = lookup(token)
+    assert store is not None, "kvpass internal error: a read token has no store"
+    return store
+
+
+def repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """HF's repeat_kv: [B, H, T, D] -> [B, H * n, T, D], each head repeated n times in place."""
+    if n == 1:
+        return x
+    B, H, T, D = x.shape
+    return x[:, :, None].expand(B, H, n, T, D).reshape(B, H * n, T, D)
+
+
+def attention_reference(q, store: KVStore, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa):
+    """The oracle: dequantize the store (fp32 math, model dtype) and run torch's SDPA as the model did."""
+    k = repeat_heads(store.read_keys(kv_len), kv_repeat)  # [B, Hkv * rep, kv_len, Dk]
+    v = repeat_heads(store.read_values(kv_len), kv_repeat)
+    out = F.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, dropout_p=dropout_p,
+        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+    )
+    return out.contiguous()
+
+
+@torch.library.custom_op("kvpass::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    token: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    kv_len: int,
+    kv_repeat: int,
+    head_dim_v: int,
+    dropout_p: float,
+    is_causal: bool,
+    scale: Optional[float],
+    enable_gqa: bool,
+) -> torch.Tensor:
+    store = _store_of(token)
+    from kvpass.lowering import dispatch  # device kernels, when there are any
+
+    return dispatch.attention(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa)
+
+
+@attention.register_fake
+def _(q, token, attn_mask, kv_len, kv_repeat, head_dim_v, dropout_p, is_causal, scale, enable_gqa):
+    B, Hq, Tq, _ = q.shape
+    return q.new_empty(B, Hq, Tq, head_dim_v)
+
+
+@torch.library.custom_op("kvpass::dequant", mutates_args=())
+def dequant(token: torch.Tensor, which: int, shape: list[int]) -> torch.Tensor:
+    store = _store_of(token)
+    kv_len = shape[2]
+    out = store.read_keys(kv_len) if which == 0 else store.read_values(kv_len)
+    return out.contiguous()
+
+
+@dequant.register_fake
+def _(token, which, shape):
+    return token.new_empty(shape)
