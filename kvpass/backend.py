@@ -19,6 +19,7 @@ class KVPassBackend:
     def __init__(self, config: KVPassConfig):
         self.config = config
         self._reports: dict[str, GraphReport] = {}
+        self.graphs: dict[str, torch.fx.GraphModule] = {}  # Dynamo graph code -> rewritten module (for inspection)
 
     def __repr__(self):
         return f"kvpass.backend({self.config})"
@@ -28,6 +29,7 @@ class KVPassBackend:
 
         new_gm, report = rewrite_graph(gm, self.config)
         self._reports[gm.code] = report
+        self.graphs[gm.code] = new_gm
         if not report.sites:
             log.warning("kvpass: no attention site matched in this graph; it runs unmodified (%d skipped)",
                         len(report.skipped))
