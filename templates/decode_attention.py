@@ -61,9 +61,8 @@ class DecodeConfig:
     """Launch parameters of the decode kernel. `DecodeConfig()` is the safe default (valid for
     every supported spec: BLOCK_N is clipped to the group size)."""
 
-    block_n: int = 32          # tokens per step over the quantized region (divides G)
-    block_r: int = 32          # tokens per step over the residual window / tail
-    use_dot: bool = False      # tensor-core dots; needs heads padded to 16
+    block_n: int = 64          # tokens per step (the dot variant clips it to the group size)
+    use_dot: bool = False      # tensor-core variant (GQA); else CUDA-core rows variant
     num_warps: int = 4
     num_stages: int = 2
     ctas_per_sm: int = 4       # split-KV target: B * Hkv * splits ~ ctas_per_sm * SMs
@@ -154,46 +153,62 @@ def get_config(spec: DecodeSpec, length: int) -> DecodeConfig:
 
 
 @triton.jit
-def _unpack_consts(BITS: tl.constexpr):
-    """Per-position constants to unpack int32 words of BITS-bit codes (KP = 32 // BITS per word).
+def _plane(w, K: tl.constexpr, BITS: tl.constexpr):
+    """Code k of every int32 word of w, as an exact fp32 value (same shape and layout as w).
 
-    Code k of a word sits at bit k * BITS. Positions >= 16 are first shifted down by 16, so every
-    code lands at a position `low` < 16, inside the 23-bit mantissa of 2**23: ORing 0x4B000000
-    gives the float 2**23 + code * 2**low, and f * 2**-low - 2**(23 - low) is the exact code."""
-    KP: tl.constexpr = 32 // BITS
-    bitpos = tl.arange(0, KP) * BITS
-    shift = tl.where(bitpos >= 16, 16, 0)
-    low = bitpos - shift
-    mask = ((1 << BITS) - 1) << low
-    inv = tl.exp2(-low.to(tl.float32))
-    return shift, mask, inv
-
-
-@triton.jit
-def _codes2d(w, BITS: tl.constexpr):
-    """int32 words [N, NW] -> exact fp32 codes [N, NW * KP], natural channel order."""
-    N: tl.constexpr = w.shape[0]
-    NW: tl.constexpr = w.shape[1]
-    KP: tl.constexpr = 32 // BITS
-    shift, mask, inv = _unpack_consts(BITS)
-    x = (w[:, :, None] >> shift[None, None, :]) & mask[None, None, :]
-    f = (x | 0x4B000000).to(tl.float32, bitcast=True)
-    f = f * inv[None, None, :] - 8388608.0 * inv[None, None, :]
-    return tl.reshape(f, (N, NW * KP))
+    Code k sits at bit POS = k * BITS. A code in the high half is shifted down by 16 first (one
+    shift per word, shared by all high codes), so it lands at LOW < 16, inside the 23-bit mantissa
+    of 2**23: OR 0x4B000000 gives the float 2**23 + code * 2**LOW, and one FMA with constants,
+    f * 2**-LOW - 2**(23 - LOW), yields the code exactly. No int->float conversion instruction."""
+    POS: tl.constexpr = K * BITS
+    SH: tl.constexpr = (POS // 16) * 16
+    LOW: tl.constexpr = POS - SH
+    MASK: tl.constexpr = ((1 << BITS) - 1) << LOW
+    SCALE: tl.constexpr = 1.0 / (1 << LOW)
+    OFFSET: tl.constexpr = 8388608.0 / (1 << LOW)
+    if SH > 0:
+        x = w >> SH
+    else:
+        x = w
+    f = ((x & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+    return f * SCALE - OFFSET
 
 
 @triton.jit
-def _codes3d(w, BITS: tl.constexpr):
-    """int32 words [N, NG, WG] -> exact fp32 codes [N, NG, WG * KP] (channel g * G + j)."""
-    N: tl.constexpr = w.shape[0]
-    NG: tl.constexpr = w.shape[1]
-    WG: tl.constexpr = w.shape[2]
-    KP: tl.constexpr = 32 // BITS
-    shift, mask, inv = _unpack_consts(BITS)
-    x = (w[:, :, :, None] >> shift[None, None, None, :]) & mask[None, None, None, :]
-    f = (x | 0x4B000000).to(tl.float32, bitcast=True)
-    f = f * inv[None, None, None, :] - 8388608.0 * inv[None, None, None, :]
-    return tl.reshape(f, (N, NG, WG * KP))
+def _unpack(w, BITS: tl.constexpr):
+    """int32 words [..., NW] -> fp32 codes [..., NW, 2, 2(, 2(, 2))] whose row-major flattening of
+    the trailing dims is the natural channel order (channel = word * (32 // BITS) + k).
+
+    Built with tl.join, which adds an in-thread minor dim: each thread unpacks the words it
+    loaded into registers, with no data exchange between threads."""
+    if BITS == 2:
+        a0 = tl.join(_plane(w, 0, 2), _plane(w, 8, 2))
+        a1 = tl.join(_plane(w, 1, 2), _plane(w, 9, 2))
+        a2 = tl.join(_plane(w, 2, 2), _plane(w, 10, 2))
+        a3 = tl.join(_plane(w, 3, 2), _plane(w, 11, 2))
+        a4 = tl.join(_plane(w, 4, 2), _plane(w, 12, 2))
+        a5 = tl.join(_plane(w, 5, 2), _plane(w, 13, 2))
+        a6 = tl.join(_plane(w, 6, 2), _plane(w, 14, 2))
+        a7 = tl.join(_plane(w, 7, 2), _plane(w, 15, 2))
+        b0 = tl.join(a0, a4)
+        b1 = tl.join(a1, a5)
+        b2 = tl.join(a2, a6)
+        b3 = tl.join(a3, a7)
+        c0 = tl.join(b0, b2)
+        c1 = tl.join(b1, b3)
+        return tl.join(c0, c1)
+    elif BITS == 4:
+        a0 = tl.join(_plane(w, 0, 4), _plane(w, 4, 4))
+        a1 = tl.join(_plane(w, 1, 4), _plane(w, 5, 4))
+        a2 = tl.join(_plane(w, 2, 4), _plane(w, 6, 4))
+        a3 = tl.join(_plane(w, 3, 4), _plane(w, 7, 4))
+        b0 = tl.join(a0, a2)
+        b1 = tl.join(a1, a3)
+        return tl.join(b0, b1)
+    else:
+        a0 = tl.join(_plane(w, 0, 8), _plane(w, 2, 8))
+        a1 = tl.join(_plane(w, 1, 8), _plane(w, 3, 8))
+        return tl.join(a0, a1)
 
 
 @triton.jit
@@ -211,52 +226,176 @@ def _dot(a, b, DT: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _online_update(s, m_i, l_i):
-    """One online-softmax step on scores s [HB, N] (log2 domain, -inf = masked)."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep 0 weights, no NaN
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    return p, alpha, m_new, l_i
-
-
-@triton.jit
-def _load_mask(MASK, mask_base, hq, h_ok, tok, tok_ok, s_mh, s_mk, MASK_KIND: tl.constexpr):
-    """Additive log2-domain bias [HB, N] for mask columns `tok` (0 where MASK_KIND == 0)."""
+def _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND: tl.constexpr):
+    """log2-domain additive bias for mask columns `tok` (any shape; mask_row broadcasts)."""
     if MASK_KIND == 1:
-        mv = tl.load(MASK + mask_base + hq[:, None] * s_mh + tok[None, :] * s_mk,
-                     mask=h_ok[:, None] & tok_ok[None, :], other=1)
-        bias = tl.where(mv != 0, 0.0, float("-inf"))
+        mv = tl.load(MASK + mask_row + tok * s_mk, mask=tok_ok, other=1)
+        return tl.where(mv != 0, 0.0, float("-inf"))
     elif MASK_KIND == 2:
-        mv = tl.load(MASK + mask_base + hq[:, None] * s_mh + tok[None, :] * s_mk,
-                     mask=h_ok[:, None] & tok_ok[None, :], other=0.0)
-        bias = mv.to(tl.float32) * 1.4426950408889634
+        mv = tl.load(MASK + mask_row + tok * s_mk, mask=tok_ok, other=0.0)
+        return mv.to(tl.float32) * 1.4426950408889634
     else:
-        bias = tl.zeros((hq.shape[0], tok.shape[0]), tl.float32)
-    return bias
+        return tl.zeros(tok.shape, tl.float32)
 
 
-@triton.jit(do_not_specialize=["Lq", "L", "KV_LEN", "chunk", "res_split", "s_rb", "s_rh", "s_rn",
-                               "s_mb", "s_mh", "s_kcb", "s_kch", "s_ksb", "s_ksh", "s_vcb", "s_vch",
-                               "s_vsb", "s_vsh"])
-def _kvpass_decode_kernel(
+# Runtime ints that change every decode step are not specialized (no recompiles); buffer strides
+# are (their 16-divisibility gives aligned, vectorized loads and is stable as the store grows).
+_DNS = ["Lq", "L", "KV_LEN", "chunk", "res_split", "NUM_SPLITS_RT", "s_mb", "s_mh", "s_mk"]
+
+
+@triton.jit(do_not_specialize=_DNS)
+def _kvpass_decode_rows(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT,
-    s_qb, s_qh,
-    s_kcb, s_kch, s_kcn,          # key codes (int32 words)
-    s_ksb, s_ksh, s_ksg,          # key scale/zero [B, H, groups, D]
-    s_vcb, s_vch, s_vcn,          # value codes (int32 words)
-    s_vsb, s_vsh, s_vsn,          # value scale/zero [B, H, tokens, D // G]
-    s_rb, s_rh, s_rn,             # residual [B, H, Lr, D] (same strides for res_k and res_v)
-    s_mb, s_mh, s_mk,             # mask
-    Lq, L, KV_LEN, chunk, res_split, NUM_SPLITS_RT,
-    qk_scale, REP,
+    s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh, s_mb, s_mh, s_mk,
+    Lq, L, KV_LEN, chunk, res_split, NUM_SPLITS_RT, qk_scale, REP,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HB: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr, MASK_KIND: tl.constexpr,
-    SINGLE: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, SINGLE: tl.constexpr,
 ):
-    # ---- compile-time validation of the specialization
+    """CUDA-core variant: one query head per program; each thread owns whole token rows, so the
+    q.k dot is an in-thread FMA chain and P.V accumulates per row in registers (rows are summed
+    once at the end). One running max per program, updated lazily (only when a block's max
+    exceeds it by more than 2**8), so the accumulator is rarely rescaled."""
+    tl.static_assert(KEY_BITS == 2 or KEY_BITS == 4 or KEY_BITS == 8, "KEY_BITS must be 2, 4 or 8")
+    tl.static_assert(VALUE_BITS == 2 or VALUE_BITS == 4 or VALUE_BITS == 8, "VALUE_BITS must be 2, 4 or 8")
+    tl.static_assert(GROUP_SIZE == 16 or GROUP_SIZE == 32 or GROUP_SIZE == 64 or GROUP_SIZE == 128,
+                     "GROUP_SIZE must be 16, 32, 64 or 128")
+    tl.static_assert(HEAD_DIM % 16 == 0, "HEAD_DIM must be a multiple of 16 (whole int32 words of codes)")
+    tl.static_assert(HEAD_DIM % GROUP_SIZE == 0, "GROUP_SIZE must divide HEAD_DIM (value groups)")
+    tl.static_assert(GROUP_SIZE % (32 // VALUE_BITS) == 0, "a value group must be whole int32 words")
+    tl.static_assert(BLOCK_N % GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_N == 0, "BLOCK_N and GROUP_SIZE must nest")
+    tl.static_assert(D_PAD >= HEAD_DIM and D_PAD <= 256, "D_PAD must cover HEAD_DIM (<= 256)")
+
+    KPK: tl.constexpr = 32 // KEY_BITS
+    KPV: tl.constexpr = 32 // VALUE_BITS
+    NWK: tl.constexpr = HEAD_DIM // KPK          # key words per token (row stride of KC)
+    NWK_PAD: tl.constexpr = D_PAD // KPK
+    NWV: tl.constexpr = HEAD_DIM // KPV
+    NWV_PAD: tl.constexpr = D_PAD // KPV
+    NG: tl.constexpr = HEAD_DIM // GROUP_SIZE    # value groups per token (row stride of VS)
+    NG_PAD: tl.constexpr = D_PAD // GROUP_SIZE
+    KGROUPS: tl.constexpr = BLOCK_N // GROUP_SIZE if BLOCK_N >= GROUP_SIZE else 1
+    TPG: tl.constexpr = BLOCK_N // KGROUPS       # tokens of one key group inside a block
+
+    pid0 = tl.program_id(0)
+    pid_s = pid0 // REP
+    hq = tl.program_id(1) * REP + pid0 % REP
+    pid_h = tl.program_id(1)
+    pid_b = tl.program_id(2)
+
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + pid_b * s_qb + hq * s_qh + d, mask=d_ok, other=0.0).to(tl.float32)
+    mask_row = pid_b * s_mb + hq * s_mh
+
+    m = tl.full([], float("-inf"), tl.float32)
+    l_r = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, NG_PAD, GROUP_SIZE], tl.float32)
+    accz = tl.zeros([BLOCK_N, NG_PAD], tl.float32)
+
+    rows = tl.arange(0, BLOCK_N)
+    gi = tl.arange(0, KGROUPS)
+    ti = tl.arange(0, TPG)
+    wk = tl.arange(0, NWK_PAD)
+    wv = tl.arange(0, NWV_PAD)
+    g_idx = tl.arange(0, NG_PAD)
+
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, Lq)
+    kc_base = KC + pid_b * s_kcb + pid_h * s_kch
+    ks_base = pid_b * s_ksb + pid_h * s_ksh
+    vc_base = VC + pid_b * s_vcb + pid_h * s_vch
+    vs_base = pid_b * s_vsb + pid_h * s_vsh
+    for t0 in range(start, end, BLOCK_N):
+        # ---- keys: [KGROUPS, TPG] tokens, scale of each group folded into q
+        ktok = t0 + gi[:, None] * TPG + ti[None, :]                          # [KGROUPS, TPG]
+        kt_ok = ktok < end
+        grp = t0 // GROUP_SIZE + gi                                            # [KGROUPS]
+        if NWK_PAD == NWK:
+            kw = tl.load(kc_base + ktok[:, :, None] * NWK + wk[None, None, :], mask=kt_ok[:, :, None], other=0)
+        else:
+            kw = tl.load(kc_base + ktok[:, :, None] * NWK + wk[None, None, :],
+                         mask=kt_ok[:, :, None] & (wk < NWK)[None, None, :], other=0)
+        kcode = tl.reshape(_unpack(kw, KEY_BITS), (KGROUPS, TPG, D_PAD))
+        ks = tl.load(KS + ks_base + grp[:, None] * HEAD_DIM + d[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
+        kz = tl.load(KZ + ks_base + grp[:, None] * HEAD_DIM + d[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
+        qs = q[None, :] * ks * qk_scale                                        # [KGROUPS, D_PAD]
+        qz = tl.sum(q[None, :] * kz, axis=1) * qk_scale                        # [KGROUPS]
+        s = tl.sum(kcode * qs[:, None, :], axis=2) + qz[:, None]               # [KGROUPS, TPG]
+        s = tl.reshape(s, (BLOCK_N,))
+        tok = t0 + rows
+        tok_ok = tok < end
+        s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
+        s = tl.where(tok_ok, s, float("-inf"))
+        # ---- lazy online softmax (one max per program)
+        m_blk = tl.max(s, axis=0)
+        if m_blk > m + 8.0:
+            alpha = tl.exp2(m - m_blk)
+            acc = acc * alpha
+            accz = accz * alpha
+            l_r = l_r * alpha
+            m = m_blk
+        p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m))
+        l_r += p
+        # ---- values: per-token scales folded into p
+        if NWV_PAD == NWV:
+            vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None], other=0)
+        else:
+            vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None] & (wv < NWV)[None, :], other=0)
+        vcode = tl.reshape(_unpack(vw, VALUE_BITS), (BLOCK_N, NG_PAD, GROUP_SIZE))
+        vsc = tl.load(VS + vs_base + tok[:, None] * NG + g_idx[None, :], mask=tok_ok[:, None] & (g_idx < NG)[None, :], other=0.0)
+        vze = tl.load(VZ + vs_base + tok[:, None] * NG + g_idx[None, :], mask=tok_ok[:, None] & (g_idx < NG)[None, :], other=0.0)
+        acc += (p[:, None] * vsc.to(tl.float32))[:, :, None] * vcode
+        accz += p[:, None] * vze.to(tl.float32)
+
+    # ---- residual window [Lq, L) and zero tail [L, KV_LEN), in split `res_split`
+    if pid_s == res_split:
+        rk_base = RK + pid_b * s_rb + pid_h * s_rh
+        rv_base = RV + pid_b * s_rb + pid_h * s_rh
+        for t0 in range(Lq, KV_LEN, BLOCK_N):
+            tok = t0 + rows
+            in_res = tok < L
+            tok_ok = tok < KV_LEN
+            r = tok - Lq
+            k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * qk_scale
+            s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
+            s = tl.where(tok_ok, s, float("-inf"))
+            m_blk = tl.max(s, axis=0)
+            if m_blk > m + 8.0:
+                alpha = tl.exp2(m - m_blk)
+                acc = acc * alpha
+                accz = accz * alpha
+                l_r = l_r * alpha
+                m = m_blk
+            p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m))
+            l_r += p
+            v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
+            acc += p[:, None, None] * tl.reshape(v.to(tl.float32), (BLOCK_N, NG_PAD, GROUP_SIZE))
+
+    l_sum = tl.sum(l_r, axis=0)
+    o = tl.reshape(tl.sum(acc, axis=0) + tl.sum(accz, axis=0)[:, None], (D_PAD,))
+    if SINGLE:
+        tl.store(OUT + (pid_b * tl.num_programs(1) * REP + hq) * HEAD_DIM + d, (o / l_sum).to(OUT.dtype.element_ty), mask=d_ok)
+    else:
+        row = (pid_b * tl.num_programs(1) * REP + hq) * NUM_SPLITS_RT + pid_s
+        tl.store(OP + row * HEAD_DIM + d, o, mask=d_ok)
+        tl.store(OM + row, m)
+        tl.store(OL + row, l_sum)
+
+
+@triton.jit(do_not_specialize=_DNS)
+def _kvpass_decode_dot(
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT,
+    s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh, s_mb, s_mh, s_mk,
+    Lq, L, KV_LEN, chunk, res_split, NUM_SPLITS_RT, qk_scale, REP,
+    KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr,
+    MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, EMULATE_DOT: tl.constexpr,
+):
+    """Tensor-core variant (GQA/MQA): the REP query heads of one KV head (padded to HB >= 16 rows)
+    in one program; per step one key group of BLOCK_N <= G tokens: S = (q * s_k) @ codes^T + q.z_k,
+    P @ (codes * s_v + z_v). Per-head running max, rescaled lazily like the row variant."""
     tl.static_assert(KEY_BITS == 2 or KEY_BITS == 4 or KEY_BITS == 8, "KEY_BITS must be 2, 4 or 8")
     tl.static_assert(VALUE_BITS == 2 or VALUE_BITS == 4 or VALUE_BITS == 8, "VALUE_BITS must be 2, 4 or 8")
     tl.static_assert(GROUP_SIZE == 16 or GROUP_SIZE == 32 or GROUP_SIZE == 64 or GROUP_SIZE == 128,
@@ -265,142 +404,110 @@ def _kvpass_decode_kernel(
     tl.static_assert(HEAD_DIM % GROUP_SIZE == 0, "GROUP_SIZE must divide HEAD_DIM (value groups)")
     tl.static_assert(GROUP_SIZE % (32 // VALUE_BITS) == 0, "a value group must be whole int32 words")
     tl.static_assert(GROUP_SIZE % BLOCK_N == 0, "BLOCK_N must divide GROUP_SIZE (one key group per step)")
-    tl.static_assert(D_PAD >= HEAD_DIM, "D_PAD must cover HEAD_DIM")
-    if USE_DOT:
-        tl.static_assert(HB >= 16, "tensor-core dots need >= 16 query rows (pad HB)")
-        tl.static_assert(BLOCK_N >= 16, "tensor-core dots need BLOCK_N >= 16")
-        tl.static_assert(BLOCK_R >= 16, "tensor-core dots need BLOCK_R >= 16")
+    tl.static_assert(D_PAD >= HEAD_DIM and D_PAD <= 256, "D_PAD must cover HEAD_DIM (<= 256)")
+    tl.static_assert(HB >= 16 and BLOCK_N >= 16, "tensor-core dots need >= 16 rows and >= 16 tokens")
 
-    DT = Q.dtype.element_ty
-    KPK: tl.constexpr = 32 // KEY_BITS            # key codes per int32 word
+    DT: tl.constexpr = Q.dtype.element_ty
+    KPK: tl.constexpr = 32 // KEY_BITS
     KPV: tl.constexpr = 32 // VALUE_BITS
-    NWK: tl.constexpr = HEAD_DIM // KPK           # key words per token
+    NWK: tl.constexpr = HEAD_DIM // KPK
     NWK_PAD: tl.constexpr = D_PAD // KPK
-    NG: tl.constexpr = HEAD_DIM // GROUP_SIZE     # value groups per token
+    NWV: tl.constexpr = HEAD_DIM // KPV
+    NWV_PAD: tl.constexpr = D_PAD // KPV
+    NG: tl.constexpr = HEAD_DIM // GROUP_SIZE
     NG_PAD: tl.constexpr = D_PAD // GROUP_SIZE
-    WG: tl.constexpr = GROUP_SIZE // KPV          # value words per group
 
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_b = tl.program_id(2)
-
     hh = tl.arange(0, HB)
     h_ok = hh < REP
     hq = pid_h * REP + hh
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
+    q = tl.load(Q + pid_b * s_qb + hq[:, None] * s_qh + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    mask_row = pid_b * s_mb + hq[:, None] * s_mh
 
-    q = tl.load(Q + pid_b * s_qb + hq[:, None] * s_qh + d[None, :],
-                mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    m_i = tl.full([HB], float("-inf"), tl.float32)
+    l_i = tl.zeros([HB], tl.float32)
+    acc = tl.zeros([HB, D_PAD], tl.float32)
 
-    m_i = tl.full((HB,), float("-inf"), tl.float32)
-    l_i = tl.zeros((HB,), tl.float32)
-    if USE_DOT:
-        acc = tl.zeros((HB, D_PAD), tl.float32)
-    else:
-        acc = tl.zeros((HB, NG_PAD, GROUP_SIZE), tl.float32)
-        accz = tl.zeros((HB, NG_PAD), tl.float32)
-
-    mask_base = pid_b * s_mb
+    nb = tl.arange(0, BLOCK_N)
+    wk = tl.arange(0, NWK_PAD)
+    wv = tl.arange(0, NWV_PAD)
     g_idx = tl.arange(0, NG_PAD)
-    g_ok = g_idx < NG
 
-    # ---- quantized region [start, end) of this split
     start = pid_s * chunk
     end = tl.minimum(start + chunk, Lq)
     kc_base = KC + pid_b * s_kcb + pid_h * s_kch
     ks_base = pid_b * s_ksb + pid_h * s_ksh
     vc_base = VC + pid_b * s_vcb + pid_h * s_vch
     vs_base = pid_b * s_vsb + pid_h * s_vsh
-    nb = tl.arange(0, BLOCK_N)
-    wk = tl.arange(0, NWK_PAD)
-    wv = tl.arange(0, WG)
     for t0 in range(start, end, BLOCK_N):
         tok = t0 + nb
         tok_ok = tok < end
         grp = t0 // GROUP_SIZE
-        # keys: fold the per-channel scale of this group into q
-        ks = tl.load(KS + ks_base + grp * s_ksg + d, mask=d_ok, other=0.0).to(tl.float32)
-        kz = tl.load(KZ + ks_base + grp * s_ksg + d, mask=d_ok, other=0.0).to(tl.float32)
-        qz = tl.sum(q * kz[None, :], axis=1) * qk_scale                       # [HB]
-        kw = tl.load(kc_base + tok[:, None] * s_kcn + wk[None, :],
-                     mask=tok_ok[:, None] & (wk < NWK)[None, :], other=0)
-        kcode = _codes2d(kw, KEY_BITS)                                         # [BLOCK_N, D_PAD]
-        if USE_DOT:
-            s = _dot(q * ks[None, :], tl.trans(kcode), DT, EMULATE_DOT) * qk_scale + qz[:, None]
+        if NWK_PAD == NWK:
+            kw = tl.load(kc_base + tok[:, None] * NWK + wk[None, :], mask=tok_ok[:, None], other=0)
         else:
-            qs = q * (ks * qk_scale)[None, :]
-            s = tl.sum(qs[:, None, :] * kcode[None, :, :], axis=2) + qz[:, None]
-        s += _load_mask(MASK, mask_base, hq, h_ok, tok, tok_ok, s_mh, s_mk, MASK_KIND)
+            kw = tl.load(kc_base + tok[:, None] * NWK + wk[None, :], mask=tok_ok[:, None] & (wk < NWK)[None, :], other=0)
+        kcode = tl.reshape(_unpack(kw, KEY_BITS), (BLOCK_N, D_PAD))
+        ks = tl.load(KS + ks_base + grp * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        kz = tl.load(KZ + ks_base + grp * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        qz = tl.sum(q * kz[None, :], axis=1)
+        s = (_dot(q * ks[None, :], tl.trans(kcode), DT, EMULATE_DOT) + qz[:, None]) * qk_scale
+        s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
         s = tl.where(tok_ok[None, :], s, float("-inf"))
-        p, alpha, m_i, l_i = _online_update(s, m_i, l_i)
-
-        # values
-        vw = tl.load(vc_base + tok[:, None, None] * s_vcn + (g_idx * WG)[None, :, None] + wv[None, None, :],
-                     mask=tok_ok[:, None, None] & g_ok[None, :, None], other=0)
-        vcode = _codes3d(vw, VALUE_BITS)                                       # [BLOCK_N, NG_PAD, G]
-        vsc = tl.load(VS + vs_base + tok[:, None] * s_vsn + g_idx[None, :],
-                      mask=tok_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)   # [BLOCK_N, NG_PAD]
-        vze = tl.load(VZ + vs_base + tok[:, None] * s_vsn + g_idx[None, :],
-                      mask=tok_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
-        if USE_DOT:
-            v = vcode * vsc[:, :, None] + vze[:, :, None]
-            v = tl.reshape(v, (BLOCK_N, D_PAD))
-            acc = acc * alpha[:, None] + _dot(p, v, DT, EMULATE_DOT)
+        m_blk = tl.max(s, axis=1)
+        if tl.max((m_blk > m_i + 8.0).to(tl.int32), axis=0) > 0:
+            m_new = tl.maximum(m_i, m_blk)
+            alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+        l_i += tl.sum(p, axis=1)
+        if NWV_PAD == NWV:
+            vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None], other=0)
         else:
-            ps = p[:, :, None] * vsc[None, :, :]                                # [HB, BLOCK_N, NG_PAD]
-            acc = acc * alpha[:, None, None] + tl.sum(ps[:, :, :, None] * vcode[None, :, :, :], axis=1)
-            accz = accz * alpha[:, None] + tl.sum(p[:, :, None] * vze[None, :, :], axis=1)
+            vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None] & (wv < NWV)[None, :], other=0)
+        vcode = tl.reshape(_unpack(vw, VALUE_BITS), (BLOCK_N, NG_PAD, GROUP_SIZE))
+        vsc = tl.load(VS + vs_base + tok[:, None] * NG + g_idx[None, :], mask=tok_ok[:, None] & (g_idx < NG)[None, :], other=0.0).to(tl.float32)
+        vze = tl.load(VZ + vs_base + tok[:, None] * NG + g_idx[None, :], mask=tok_ok[:, None] & (g_idx < NG)[None, :], other=0.0).to(tl.float32)
+        v = tl.reshape(vcode * vsc[:, :, None] + vze[:, :, None], (BLOCK_N, D_PAD))
+        acc += _dot(p, v, DT, EMULATE_DOT)
 
-    # ---- residual window [Lq, L) and zero tail [L, KV_LEN), in split `res_split`
     if pid_s == res_split:
-        rb = tl.arange(0, BLOCK_R)
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
-        for t0 in range(Lq, L, BLOCK_R):
-            tok = t0 + rb
-            tok_ok = tok < L
-            r = tok - Lq
-            k = tl.load(rk_base + r[:, None] * s_rn + d[None, :], mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(rv_base + r[:, None] * s_rn + d[None, :], mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
-            if USE_DOT:
-                s = _dot(q, tl.trans(k), DT, EMULATE_DOT) * qk_scale
-            else:
-                s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale
-            s += _load_mask(MASK, mask_base, hq, h_ok, tok, tok_ok, s_mh, s_mk, MASK_KIND)
-            s = tl.where(tok_ok[None, :], s, float("-inf"))
-            p, alpha, m_i, l_i = _online_update(s, m_i, l_i)
-            if USE_DOT:
-                acc = acc * alpha[:, None] + _dot(p, v, DT, EMULATE_DOT)
-            else:
-                v3 = tl.reshape(v.to(tl.float32), (BLOCK_R, NG_PAD, GROUP_SIZE))
-                acc = acc * alpha[:, None, None] + tl.sum(p[:, :, None, None] * v3[None, :, :, :], axis=1)
-                accz = accz * alpha[:, None]
-        # tail: slots the reference reads as zeros (static caches): score 0 (+ mask), value 0
-        for t0 in range(L, KV_LEN, BLOCK_R):
-            tok = t0 + rb
+        for t0 in range(Lq, KV_LEN, BLOCK_N):
+            tok = t0 + nb
+            in_res = tok < L
             tok_ok = tok < KV_LEN
-            s = _load_mask(MASK, mask_base, hq, h_ok, tok, tok_ok, s_mh, s_mk, MASK_KIND)
+            r = tok - Lq
+            k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
+            s = _dot(q, tl.trans(k), DT, EMULATE_DOT) * qk_scale
+            s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
             s = tl.where(tok_ok[None, :], s, float("-inf"))
-            p, alpha, m_i, l_i = _online_update(s, m_i, l_i)
-            if USE_DOT:
+            m_blk = tl.max(s, axis=1)
+            if tl.max((m_blk > m_i + 8.0).to(tl.int32), axis=0) > 0:
+                m_new = tl.maximum(m_i, m_blk)
+                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
                 acc = acc * alpha[:, None]
-            else:
-                acc = acc * alpha[:, None, None]
-                accz = accz * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+            l_i += tl.sum(p, axis=1)
+            v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
+            acc += _dot(p, v, DT, EMULATE_DOT)
 
-    if USE_DOT:
-        o = acc
-    else:
-        o = tl.reshape(acc + accz[:, :, None], (HB, D_PAD))
     if SINGLE:
-        o = o / l_i[:, None]
-        orow = pid_b * tl.num_programs(1) * REP + hq                          # out [B, Hq, 1, D]
-        tl.store(OUT + orow[:, None] * HEAD_DIM + d[None, :], o.to(OUT.dtype.element_ty),
+        orow = pid_b * tl.num_programs(1) * REP + hq
+        tl.store(OUT + orow[:, None] * HEAD_DIM + d[None, :], (acc / l_i[:, None]).to(OUT.dtype.element_ty),
                  mask=h_ok[:, None] & d_ok[None, :])
     else:
-        row = (pid_b * tl.num_programs(1) * REP + hq) * NUM_SPLITS_RT + pid_s   # [B, Hq, S] flattened
-        tl.store(OP + row[:, None] * HEAD_DIM + d[None, :], o, mask=h_ok[:, None] & d_ok[None, :])
+        row = (pid_b * tl.num_programs(1) * REP + hq) * NUM_SPLITS_RT + pid_s
+        tl.store(OP + row[:, None] * HEAD_DIM + d[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
         tl.store(OM + row, m_i, mask=h_ok)
         tl.store(OL + row, l_i, mask=h_ok)
 
@@ -408,6 +515,7 @@ def _kvpass_decode_kernel(
 @triton.jit(do_not_specialize=["NUM_SPLITS_RT"])
 def _kvpass_decode_reduce(OP, OM, OL, OUT, NUM_SPLITS_RT,
                           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_POW2: tl.constexpr):
+    """out[row] = sum_s 2**(m_s - M) acc_s / sum_s 2**(m_s - M) l_s over the splits of one row."""
     row = tl.program_id(0)                      # b * Hq + hq
     sp = tl.arange(0, S_POW2)
     s_ok = sp < NUM_SPLITS_RT
@@ -462,20 +570,28 @@ def check_spec(spec: DecodeSpec) -> str | None:
     return None
 
 
-def plan_splits(B: int, H: int, Lq: int, G: int, has_rest: bool, cfg: DecodeConfig, device) -> tuple[int, int, int]:
-    """(num_splits, chunk tokens, res_split). chunk is a multiple of G."""
-    n_groups = -(-Lq // G)
-    if n_groups == 0:
-        return 1, G, 0
+def plan_splits(units: int, Lq: int, step: int, has_rest: bool, cfg: DecodeConfig, device) -> tuple[int, int, int]:
+    """(num_splits, chunk tokens, res_split) for `units` programs per split (B*Hq rows or B*Hkv).
+
+    Splits grow until about ctas_per_sm programs per SM are launched, each covering at least
+    min_groups_per_split steps; chunk is a multiple of `step` (G, or BLOCK_N when larger). With
+    more than one split, the residual window and tail get a split of their own (res_split)."""
+    n_steps = -(-Lq // step)
+    if n_steps == 0:
+        return 1, step, 0
     target = cfg.ctas_per_sm * _num_sms(device)
-    want = max(1, -(-target // (B * H)))
-    max_by_work = max(1, n_groups // max(1, cfg.min_groups_per_split))
-    s = min(want, max_by_work, 256)
-    chunk_groups = -(-n_groups // s)
-    s = -(-n_groups // chunk_groups)
+    want = max(1, -(-target // units))
+    max_by_work = max(1, n_steps // max(1, cfg.min_groups_per_split))
+    s = min(want, max_by_work, 512)
+    chunk_steps = -(-n_steps // s)
+    s = -(-n_steps // chunk_steps)
     if s > 1 and has_rest:
-        return s + 1, chunk_groups * G, s
-    return s, chunk_groups * G, s - 1
+        return s + 1, chunk_steps * step, s
+    return s, chunk_steps * step, s - 1
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.stride(-2) == t.shape[-1])
 
 
 def decode_attention(
@@ -491,7 +607,8 @@ def decode_attention(
     """softmax(q K^T * sm_scale + mask) V for q [B, Hq, 1, D] over a KIVI store.
 
     k_codes/v_codes uint8 [B, H, cap, D*bits/8] (tokens [0, quantized_length) valid), k_scale/
-    k_zero [B, H, cap/G, D], v_scale/v_zero [B, H, cap, D/G], res_k/res_v [B, H, length - Lq, D].
+    k_zero [B, H, cap/G, D], v_scale/v_zero [B, H, cap, D/G] (last two dims contiguous),
+    res_k/res_v [B, H, length - Lq, D].
     kv_len (default length): the attended width; columns >= length read zero keys/values, as the
     reference's zero-padded static-cache read does; kv_len < length attends the first kv_len.
     attn_mask: None, bool (True = attend) or additive float of q's dtype, broadcastable to
@@ -511,12 +628,10 @@ def decode_attention(
         raise ValueError(f"kvpass decode kernel: unsupported {why}")
     cfg = config or get_config(spec, kv_len)
     G = group_size
-    block_n = min(cfg.block_n, G)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     D_PAD = max(16, _next_pow2(D))
-    HB = _next_pow2(rep)
-    if cfg.use_dot:
-        HB = max(HB, 16)
+    use_dot = cfg.use_dot
+    block_n = min(cfg.block_n, G) if use_dot else cfg.block_n
 
     if attn_mask is None:
         mask_kind, mask, s_m = 0, q, (0, 0, 0)
@@ -532,12 +647,19 @@ def decode_attention(
         s_m = (mask.stride(0), mask.stride(1), mask.stride(3))
 
     if Lq > 0:
+        for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero):
+            assert _rows_contiguous(t), "kvpass decode kernel: store buffers must have contiguous rows"
         kc, vc = k_codes.view(torch.int32), v_codes.view(torch.int32)
-    else:  # nothing quantized yet: any int32 tensor serves as a never-read pointer
+    else:  # nothing quantized yet: never-read pointers
         kc = vc = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=q.device)
         k_scale = k_zero = v_scale = v_zero = res_k
+    if not (res_k.is_contiguous() and res_v.is_contiguous()):
+        res_k, res_v = res_k.contiguous(), res_v.contiguous()
+    rs = (res_k.stride(0), res_k.stride(1)) if res_k.numel() else (0, 0)
+    assert q.stride(3) == 1
     has_rest = L > Lq or kv_len > L
-    S, chunk, res_split = plan_splits(B, H, Lq, G, has_rest, cfg, q.device)
+    units = B * H if use_dot else B * Hq
+    S, chunk, res_split = plan_splits(units, Lq, max(G, block_n), has_rest, cfg, q.device)
     single = S == 1
     out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
     if single:
@@ -546,28 +668,19 @@ def decode_attention(
         op = torch.empty(B * Hq * S, D, dtype=torch.float32, device=q.device)
         om = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
         ol = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
-    if res_k.shape[2] == 0:
-        rs = (0, 0, 0)
-    else:
-        assert res_k.stride() == res_v.stride(), "res_k and res_v must share strides"
-        rs = (res_k.stride(0), res_k.stride(1), res_k.stride(2))
-    assert res_k.stride(3) == 1 and q.stride(3) == 1
-    _kvpass_decode_kernel[(S, H, B)](
+    args = (
         q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, mask, op, om, ol, out,
-        q.stride(0), q.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2),
-        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2),
-        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
-        rs[0], rs[1], rs[2],
-        s_m[0], s_m[1], s_m[2],
-        Lq, L, kv_len, chunk, res_split, S,
-        sm_scale * LOG2E, rep,
-        KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, HEAD_DIM=D, D_PAD=D_PAD, HB=HB,
-        BLOCK_N=block_n, BLOCK_R=cfg.block_r, USE_DOT=cfg.use_dot, MASK_KIND=mask_kind, SINGLE=single,
-        EMULATE_DOT=_interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), k_scale.stride(0), k_scale.stride(1),
+        vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1), rs[0], rs[1], s_m[0], s_m[1], s_m[2],
+        Lq, L, kv_len, chunk, res_split, S, sm_scale * LOG2E, rep,
     )
+    common = dict(KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, HEAD_DIM=D, D_PAD=D_PAD,
+                  BLOCK_N=block_n, MASK_KIND=mask_kind, SINGLE=single,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if use_dot:
+        _kvpass_decode_dot[(S, H, B)](*args, HB=max(16, _next_pow2(rep)), EMULATE_DOT=_interpreting(), **common)
+    else:
+        _kvpass_decode_rows[(rep * S, H, B)](*args, **common)
     if not single:
         _kvpass_decode_reduce[(B * Hq,)](op, om, ol, out, S, HEAD_DIM=D, D_PAD=D_PAD,
                                          S_POW2=max(2, _next_pow2(S)), num_warps=4)
