@@ -62,7 +62,8 @@ class DecodeConfig:
     every supported spec: BLOCK_N is clipped to the group size)."""
 
     block_n: int = 64          # tokens per step (the dot variant clips it to the group size)
-    use_dot: bool = False      # tensor-core variant (GQA); else CUDA-core rows variant
+    use_dot: bool = True       # tensor-core variant; else the CUDA-core rows variant (MHA only)
+    use_asm: bool = True       # packed 16-bit unpacking in inline PTX (GPU); else fp32 unpacking
     num_warps: int = 4
     num_stages: int = 2
     ctas_per_sm: int = 4       # split-KV target: B * Hkv * splits ~ ctas_per_sm * SMs
@@ -211,18 +212,106 @@ def _unpack(w, BITS: tl.constexpr):
         return tl.join(a0, a1)
 
 
-@triton.jit
-def _dot(a, b, DT: tl.constexpr, EMULATE: tl.constexpr):
-    """a @ b with operands rounded to the model dtype DT and fp32 accumulation (tensor cores).
+def _asm_unpack(bits: int, fmt: str, dequant: bool) -> tuple[str, str]:
+    """PTX that unpacks one int32 word of `bits`-bit codes into 32 // bits 16-bit floats.
 
-    fp32 models use exact fp32 products (no tf32). EMULATE (the CPU interpreter, whose bf16 dot
-    multiplies raw bit patterns) rounds the operands to DT and multiplies in fp32: same result."""
-    if DT == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif EMULATE:
-        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
+    Two codes at a time, one in each 16-bit half: (w >> shift) & (mask | mask << 16), ORed with
+    the bit pattern of 2**m (1024 for fp16, 128 for bf16; the code fits in the mantissa), then one
+    packed fma subtracts 2**m: exact codes, two per instruction. With `dequant` (fp16 only) a
+    second packed fma applies the value scale and zero: v = code * s + z, one rounding.
+    Outputs $0..$(n-1) are codes 0..n-1 (output k pairs with k + n/2); inputs follow."""
+    n = 32 // bits
+    half = n // 2
+    mask = (1 << bits) - 1
+    if fmt == "bf16":
+        magic, one, neg, ty = "0x43004300", "0x3F803F80", "0xC300C300", "bf16x2"
     else:
-        return tl.dot(a.to(DT), b.to(DT))
+        magic, one, neg, ty = "0x64006400", "0x3C003C00", "0xE400E400", "f16x2"
+    w = f"${n}"
+    lines = ["{", ".reg .b32 t, u, one, neg, s2, z2;", f"mov.b32 one, {one};", f"mov.b32 neg, {neg};"]
+    if dequant:
+        lines += [f"mov.b32 s2, {{${n + 1}, ${n + 1}}};", f"mov.b32 z2, {{${n + 2}, ${n + 2}}};"]
+    for k in range(half):
+        src = w
+        if k:
+            lines.append(f"shr.u32 u, {w}, {k * bits};")
+            src = "u"
+        lines.append(f"lop3.b32 t, {src}, 0x{(mask << 16) | mask:08X}, {magic}, 0xea;")
+        lines.append(f"fma.rn.{ty} t, t, one, neg;")
+        if dequant:
+            lines.append(f"fma.rn.{ty} t, t, s2, z2;")
+        lines.append(f"mov.b32 {{${k}, ${k + half}}}, t;")
+    lines.append("}")
+    cons = ",".join(["=h"] * n + ["r"] + (["h", "h"] if dequant else []))
+    return "\n".join(lines), cons
+
+
+_A_K2_BF16, _C_K2 = (tl.constexpr(x) for x in _asm_unpack(2, "bf16", False))
+_A_K4_BF16, _C_K4 = (tl.constexpr(x) for x in _asm_unpack(4, "bf16", False))
+_A_K2_F16 = tl.constexpr(_asm_unpack(2, "fp16", False)[0])
+_A_K4_F16 = tl.constexpr(_asm_unpack(4, "fp16", False)[0])
+_A_K8_F16, _C_K8 = (tl.constexpr(x) for x in _asm_unpack(8, "fp16", False))
+_A_V2, _C_V2 = (tl.constexpr(x) for x in _asm_unpack(2, "fp16", True))
+_A_V4, _C_V4 = (tl.constexpr(x) for x in _asm_unpack(4, "fp16", True))
+_A_V8, _C_V8 = (tl.constexpr(x) for x in _asm_unpack(8, "fp16", True))
+
+
+@triton.jit
+def _join_tree(o, BITS: tl.constexpr):
+    """Join the per-position code tensors o[0..n-1] (n = 32 // BITS) into [..., 2, 2(, 2(, 2))]
+    in natural channel order (the same tree as `_unpack`)."""
+    if BITS == 2:
+        b0 = tl.join(tl.join(o[0], o[8]), tl.join(o[4], o[12]))
+        b1 = tl.join(tl.join(o[1], o[9]), tl.join(o[5], o[13]))
+        b2 = tl.join(tl.join(o[2], o[10]), tl.join(o[6], o[14]))
+        b3 = tl.join(tl.join(o[3], o[11]), tl.join(o[7], o[15]))
+        return tl.join(tl.join(b0, b2), tl.join(b1, b3))
+    elif BITS == 4:
+        return tl.join(tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6])), tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7])))
+    else:
+        return tl.join(tl.join(o[0], o[2]), tl.join(o[1], o[3]))
+
+
+@triton.jit
+def _kcodes_asm(w, BITS: tl.constexpr, CDT: tl.constexpr):
+    """int32 words -> exact key codes in CDT (bf16 for 2/4 bits, else fp16), joined (see _unpack)."""
+    if BITS == 2:
+        if CDT == tl.bfloat16:
+            o = tl.inline_asm_elementwise(_A_K2_BF16, _C_K2, [w], dtype=(CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT), is_pure=True, pack=1)
+        else:
+            o = tl.inline_asm_elementwise(_A_K2_F16, _C_K2, [w], dtype=(CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT), is_pure=True, pack=1)
+    elif BITS == 4:
+        if CDT == tl.bfloat16:
+            o = tl.inline_asm_elementwise(_A_K4_BF16, _C_K4, [w], dtype=(CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT), is_pure=True, pack=1)
+        else:
+            o = tl.inline_asm_elementwise(_A_K4_F16, _C_K4, [w], dtype=(CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT), is_pure=True, pack=1)
+    else:
+        o = tl.inline_asm_elementwise(_A_K8_F16, _C_K8, [w], dtype=(CDT, CDT, CDT, CDT), is_pure=True, pack=1)
+    return _join_tree(o, BITS)
+
+
+@triton.jit
+def _vvals_asm(w, s, z, BITS: tl.constexpr):
+    """int32 words and their group's fp16 scale/zero (same shape) -> fp16 values code * s + z."""
+    F: tl.constexpr = tl.float16
+    if BITS == 2:
+        o = tl.inline_asm_elementwise(_A_V2, _C_V2, [w, s, z], dtype=(F, F, F, F, F, F, F, F, F, F, F, F, F, F, F, F), is_pure=True, pack=1)
+    elif BITS == 4:
+        o = tl.inline_asm_elementwise(_A_V4, _C_V4, [w, s, z], dtype=(F, F, F, F, F, F, F, F), is_pure=True, pack=1)
+    else:
+        o = tl.inline_asm_elementwise(_A_V8, _C_V8, [w, s, z], dtype=(F, F, F, F), is_pure=True, pack=1)
+    return _join_tree(o, BITS)
+
+
+@triton.jit
+def _dot(a, b, EMULATE: tl.constexpr):
+    """a @ b with fp32 accumulation; a and b already in their operand type (tensor cores for 16-bit
+    types, exact fp32 products for fp32: no tf32). EMULATE (the CPU interpreter, whose bf16 dot
+    multiplies raw bit patterns) multiplies the same rounded operands in fp32: same result."""
+    if EMULATE or a.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
 
 
 @triton.jit
@@ -391,11 +480,16 @@ def _kvpass_decode_dot(
     Lq, L, KV_LEN, chunk, res_split, NUM_SPLITS_RT, qk_scale, REP,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr,
-    MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, USE_ASM: tl.constexpr, EMULATE_DOT: tl.constexpr,
 ):
-    """Tensor-core variant (GQA/MQA): the REP query heads of one KV head (padded to HB >= 16 rows)
-    in one program; per step one key group of BLOCK_N <= G tokens: S = (q * s_k) @ codes^T + q.z_k,
-    P @ (codes * s_v + z_v). Per-head running max, rescaled lazily like the row variant."""
+    """Tensor-core variant: the REP query heads of one KV head, padded to HB >= 16 rows, in one
+    program (GQA/MQA; MHA pads 1 row to 16, which the tensor cores absorb). Per step one key group
+    of BLOCK_N <= G tokens:
+        S = ((q * s_k) @ codes^T + q . z_k) * qk_scale     codes exact in KDT (bf16/fp16)
+        O += P @ (codes * s_v + z_v)                      values dequantized in fp16
+    Codes are unpacked two per instruction (packed fp16/bf16 magic numbers, USE_ASM) or in fp32
+    (`_unpack`, the interpreter and fp32 models). Per-head running max, rescaled lazily: only
+    when some head's block max exceeds it by more than 8 (log2), so p <= 2**8."""
     tl.static_assert(KEY_BITS == 2 or KEY_BITS == 4 or KEY_BITS == 8, "KEY_BITS must be 2, 4 or 8")
     tl.static_assert(VALUE_BITS == 2 or VALUE_BITS == 4 or VALUE_BITS == 8, "VALUE_BITS must be 2, 4 or 8")
     tl.static_assert(GROUP_SIZE == 16 or GROUP_SIZE == 32 or GROUP_SIZE == 64 or GROUP_SIZE == 128,
@@ -408,14 +502,18 @@ def _kvpass_decode_dot(
     tl.static_assert(HB >= 16 and BLOCK_N >= 16, "tensor-core dots need >= 16 rows and >= 16 tokens")
 
     DT: tl.constexpr = Q.dtype.element_ty
+    IS_F32: tl.constexpr = DT == tl.float32
+    # operand types: keys in the model's 16-bit type when the codes fit its mantissa, values fp16
+    # (scales/zeros are fp16 already, so every dequantized value is in fp16 range)
+    KDT: tl.constexpr = tl.float32 if IS_F32 else (tl.bfloat16 if (DT == tl.bfloat16 and KEY_BITS <= 4) else tl.float16)
+    VDT: tl.constexpr = tl.float32 if IS_F32 else tl.float16
     KPK: tl.constexpr = 32 // KEY_BITS
     KPV: tl.constexpr = 32 // VALUE_BITS
     NWK: tl.constexpr = HEAD_DIM // KPK
     NWK_PAD: tl.constexpr = D_PAD // KPK
-    NWV: tl.constexpr = HEAD_DIM // KPV
-    NWV_PAD: tl.constexpr = D_PAD // KPV
     NG: tl.constexpr = HEAD_DIM // GROUP_SIZE
     NG_PAD: tl.constexpr = D_PAD // GROUP_SIZE
+    WG: tl.constexpr = GROUP_SIZE // KPV          # value words per group
 
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -434,8 +532,8 @@ def _kvpass_decode_dot(
 
     nb = tl.arange(0, BLOCK_N)
     wk = tl.arange(0, NWK_PAD)
-    wv = tl.arange(0, NWV_PAD)
     g_idx = tl.arange(0, NG_PAD)
+    wv = tl.arange(0, WG)
 
     start = pid_s * chunk
     end = tl.minimum(start + chunk, Lq)
@@ -447,17 +545,22 @@ def _kvpass_decode_dot(
         tok = t0 + nb
         tok_ok = tok < end
         grp = t0 // GROUP_SIZE
+        # ---- keys
         if NWK_PAD == NWK:
             kw = tl.load(kc_base + tok[:, None] * NWK + wk[None, :], mask=tok_ok[:, None], other=0)
         else:
             kw = tl.load(kc_base + tok[:, None] * NWK + wk[None, :], mask=tok_ok[:, None] & (wk < NWK)[None, :], other=0)
-        kcode = tl.reshape(_unpack(kw, KEY_BITS), (BLOCK_N, D_PAD))
+        if USE_ASM:
+            kcode = tl.reshape(_kcodes_asm(kw, KEY_BITS, KDT), (BLOCK_N, D_PAD))
+        else:
+            kcode = tl.reshape(_unpack(kw, KEY_BITS), (BLOCK_N, D_PAD)).to(KDT)
         ks = tl.load(KS + ks_base + grp * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
         kz = tl.load(KZ + ks_base + grp * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
         qz = tl.sum(q * kz[None, :], axis=1)
-        s = (_dot(q * ks[None, :], tl.trans(kcode), DT, EMULATE_DOT) + qz[:, None]) * qk_scale
+        s = (_dot((q * ks[None, :]).to(KDT), tl.trans(kcode), EMULATE_DOT) + qz[:, None]) * qk_scale
         s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
         s = tl.where(tok_ok[None, :], s, float("-inf"))
+        # ---- lazy online softmax
         m_blk = tl.max(s, axis=1)
         if tl.max((m_blk > m_i + 8.0).to(tl.int32), axis=0) > 0:
             m_new = tl.maximum(m_i, m_blk)
@@ -467,16 +570,23 @@ def _kvpass_decode_dot(
             m_i = m_new
         p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
         l_i += tl.sum(p, axis=1)
-        if NWV_PAD == NWV:
-            vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None], other=0)
+        # ---- values: words [BLOCK_N, NG_PAD, WG], scale/zero of the token's channel group
+        v_ok = tok_ok[:, None, None] & (g_idx < NG)[None, :, None]
+        vw = tl.load(vc_base + tok[:, None, None] * (NG * WG) + (g_idx * WG)[None, :, None] + wv[None, None, :], mask=v_ok, other=0)
+        vsp = VS + vs_base + tok[:, None, None] * NG + g_idx[None, :, None] + wv[None, None, :] * 0
+        vzp = VZ + vs_base + tok[:, None, None] * NG + g_idx[None, :, None] + wv[None, None, :] * 0
+        vsc = tl.load(vsp, mask=v_ok, other=0.0)
+        vze = tl.load(vzp, mask=v_ok, other=0.0)
+        if USE_ASM:
+            v = tl.reshape(_vvals_asm(vw, vsc.to(tl.float16), vze.to(tl.float16), VALUE_BITS), (BLOCK_N, D_PAD))
         else:
-            vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None] & (wv < NWV)[None, :], other=0)
-        vcode = tl.reshape(_unpack(vw, VALUE_BITS), (BLOCK_N, NG_PAD, GROUP_SIZE))
-        vsc = tl.load(VS + vs_base + tok[:, None] * NG + g_idx[None, :], mask=tok_ok[:, None] & (g_idx < NG)[None, :], other=0.0).to(tl.float32)
-        vze = tl.load(VZ + vs_base + tok[:, None] * NG + g_idx[None, :], mask=tok_ok[:, None] & (g_idx < NG)[None, :], other=0.0).to(tl.float32)
-        v = tl.reshape(vcode * vsc[:, :, None] + vze[:, :, None], (BLOCK_N, D_PAD))
-        acc += _dot(p, v, DT, EMULATE_DOT)
+            vcode = tl.reshape(_unpack(vw, VALUE_BITS), (BLOCK_N, NG_PAD, GROUP_SIZE))
+            vs1 = tl.max(vsc.to(tl.float32), axis=2)    # the same value along the word axis
+            vz1 = tl.max(vze.to(tl.float32), axis=2)
+            v = tl.reshape(vcode * vs1[:, :, None] + vz1[:, :, None], (BLOCK_N, D_PAD)).to(VDT)
+        acc += _dot(p.to(VDT), v, EMULATE_DOT)
 
+    # ---- residual window [Lq, L) and zero tail [L, KV_LEN), in split `res_split`
     if pid_s == res_split:
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
@@ -486,7 +596,7 @@ def _kvpass_decode_dot(
             tok_ok = tok < KV_LEN
             r = tok - Lq
             k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-            s = _dot(q, tl.trans(k), DT, EMULATE_DOT) * qk_scale
+            s = _dot(q.to(DT), tl.trans(k), EMULATE_DOT) * qk_scale
             s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
             s = tl.where(tok_ok[None, :], s, float("-inf"))
             m_blk = tl.max(s, axis=1)
@@ -499,7 +609,7 @@ def _kvpass_decode_dot(
             p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
             l_i += tl.sum(p, axis=1)
             v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-            acc += _dot(p, v, DT, EMULATE_DOT)
+            acc += _dot(p.to(DT), v, EMULATE_DOT)
 
     if SINGLE:
         orow = pid_b * tl.num_programs(1) * REP + hq
@@ -678,7 +788,9 @@ def decode_attention(
                   BLOCK_N=block_n, MASK_KIND=mask_kind, SINGLE=single,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if use_dot:
-        _kvpass_decode_dot[(S, H, B)](*args, HB=max(16, _next_pow2(rep)), EMULATE_DOT=_interpreting(), **common)
+        interp = _interpreting()
+        _kvpass_decode_dot[(S, H, B)](*args, HB=max(16, _next_pow2(rep)), EMULATE_DOT=interp,
+                                      USE_ASM=(not interp) and q.dtype != torch.float32 and cfg.use_asm, **common)
     else:
         _kvpass_decode_rows[(rep * S, H, B)](*args, **common)
     if not single:
