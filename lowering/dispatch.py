@@ -1,12 +1,113 @@
-"""Chooses the implementation of each op for a device: a Triton kernel where one applies, else the reference."""
+"""Chooses the implementation of each op for a device: a Triton kernel where one applies, else the reference.
+
+`attention` runs the split-KV decode kernel (kvpass/templates/decode_attention.py) when
+    * q is on CUDA, or KVPASS_TRITON_INTERPRET=1 and TRITON_INTERPRET=1 are both set (the CPU
+      tests run the kernel in Triton's interpreter that way);
+    * one query token (decode), no dropout, not is_causal (SDPA's is_causal is top-left aligned:
+      with one query it attends only to key 0, which the kernel does not model);
+    * keys and values are both KIVI-quantized (bits 2/4/8, not 16) in q's dtype with a group
+      size and head_dim the kernel supports;
+    * the heads map like the reference (repeat_kv by kv_repeat, then SDPA's enable_gqa);
+    * the mask is None, bool, or additive in q's dtype, broadcastable to [B, Hq, 1, kv_len].
+kv_len may differ from the store's length: columns past the store read as zero keys and values
+in the reference (static caches) and the kernel reproduces exactly that; kv_len < length
+attends the first kv_len tokens, like the reference's slice.
+Anything else runs the reference, after a one-time `logging` info line naming the reason.
+KVPASS_DISABLE_TRITON=1 forces the reference everywhere.
+"""
 from __future__ import annotations
 
 import logging
+import os
+
+import torch
 
 log = logging.getLogger("kvpass")
 
+_logged: set[str] = set()
+_triton_error: str | None = None
+_decode = None
+
+
+def _fallback(reason: str):
+    if reason not in _logged:
+        _logged.add(reason)
+        log.info("kvpass: attention runs the reference (dequantize + SDPA): %s", reason)
+
+
+def _kernels():
+    """The decode-kernel module, or None (reason logged) when Triton cannot be imported."""
+    global _decode, _triton_error
+    if _decode is None and _triton_error is None:
+        try:
+            from kvpass.templates import decode_attention
+
+            _decode = decode_attention
+        except Exception as e:  # ImportError, or a Triton that fails to initialize
+            _triton_error = f"triton unavailable ({type(e).__name__}: {e})"
+    return _decode
+
+
+def _interpreting() -> bool:
+    return os.environ.get("KVPASS_TRITON_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _mask_ok(attn_mask, q, kv_len) -> str | None:
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        return f"mask dtype {attn_mask.dtype} (kernel takes bool or {q.dtype})"
+    if attn_mask.dim() > 4 or attn_mask.shape[-1] != kv_len:
+        return f"mask shape {tuple(attn_mask.shape)} for kv_len {kv_len}"
+    B, Hq, Tq, _ = q.shape
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    for have, want in zip(shape[:3], (B, Hq, Tq)):
+        if have not in (1, want):
+            return f"mask shape {tuple(attn_mask.shape)} does not broadcast to {(B, Hq, Tq, kv_len)}"
+    if attn_mask.device != q.device:
+        return "mask on another device"
+    return None
+
+
+def _why_not_kernel(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, enable_gqa) -> str | None:
+    if os.environ.get("KVPASS_DISABLE_TRITON") == "1":
+        return "KVPASS_DISABLE_TRITON=1"
+    if not (q.is_cuda or _interpreting()):
+        return f"no kernel for device {q.device.type} (set KVPASS_TRITON_INTERPRET=1 and TRITON_INTERPRET=1 to interpret)"
+    mod = _kernels()
+    if mod is None:
+        return _triton_error
+    if q.dim() != 4 or q.shape[2] != 1:
+        return f"query length {q.shape[2] if q.dim() == 4 else q.shape} (the kernel is for decode, one token)"
+    if dropout_p > 0.0:
+        return f"dropout_p={dropout_p}"
+    if is_causal:
+        return "is_causal=True with one query token (top-left causal mask)"
+    if store.cfg.key_bits == 16 or store.cfg.value_bits == 16:
+        return f"full-precision codec (key_bits={store.cfg.key_bits}, value_bits={store.cfg.value_bits})"
+    if q.dtype != store.dtype:
+        return f"query dtype {q.dtype} differs from the cache dtype {store.dtype}"
+    if store.Dk != store.Dv or q.shape[-1] != store.Dk:
+        return f"head dims q {q.shape[-1]}, k {store.Dk}, v {store.Dv} (kernel needs them equal)"
+    if q.device != store.device:
+        return "query and store on different devices"
+    Hq, H = q.shape[1], store.H
+    if enable_gqa:
+        if Hq % (H * kv_repeat):
+            return f"{Hq} query heads over {H} kv heads x repeat {kv_repeat}"
+    elif Hq != H * kv_repeat:
+        return f"{Hq} query heads vs {H} kv heads x repeat {kv_repeat} without enable_gqa"
+    why = mod.check_spec(mod.store_spec(store, q))
+    if why:
+        return f"unsupported spec: {why}"
+    return _mask_ok(attn_mask, q, kv_len)
+
 
 def attention(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa):
+    why = _why_not_kernel(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, enable_gqa)
+    if why is None:
+        return _decode.decode_attention_store(q, store, attn_mask, kv_len, scale)
+    _fallback(why)
     from kvpass.lowering.ops import attention_reference
 
     return attention_reference(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa)

@@ -137,10 +137,7 @@ def config_key(spec: DecodeSpec, length: int) -> tuple:
 
 
 def default_config_for(spec: DecodeSpec) -> DecodeConfig:
-    cfg = DEFAULT_CONFIG
-    if spec.rep >= 4 and spec.dtype != torch.float32:
-        cfg = replace(cfg, use_dot=True)
-    return cfg
+    return DEFAULT_CONFIG
 
 
 def get_config(spec: DecodeSpec, length: int) -> DecodeConfig:
@@ -257,49 +254,76 @@ _A_V8, _C_V8 = (tl.constexpr(x) for x in _asm_unpack(8, "fp16", True))
 
 
 @triton.jit
-def _join_tree(o, BITS: tl.constexpr):
-    """Join the per-position code tensors o[0..n-1] (n = 32 // BITS) into [..., 2, 2(, 2(, 2))]
-    in natural channel order (the same tree as `_unpack`)."""
-    if BITS == 2:
-        b0 = tl.join(tl.join(o[0], o[8]), tl.join(o[4], o[12]))
-        b1 = tl.join(tl.join(o[1], o[9]), tl.join(o[5], o[13]))
-        b2 = tl.join(tl.join(o[2], o[10]), tl.join(o[6], o[14]))
-        b3 = tl.join(tl.join(o[3], o[11]), tl.join(o[7], o[15]))
-        return tl.join(tl.join(b0, b2), tl.join(b1, b3))
-    elif BITS == 4:
-        return tl.join(tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6])), tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7])))
+def _tree(o, BASE: tl.constexpr, N: tl.constexpr):
+    """Join o[BASE .. BASE+N-1] (N = 2, 4, 8) into [..., 2(, 2(, 2))], row-major index = k."""
+    if N == 8:
+        return tl.join(tl.join(tl.join(o[BASE + 0], o[BASE + 4]), tl.join(o[BASE + 2], o[BASE + 6])),
+                       tl.join(tl.join(o[BASE + 1], o[BASE + 5]), tl.join(o[BASE + 3], o[BASE + 7])))
+    elif N == 4:
+        return tl.join(tl.join(o[BASE + 0], o[BASE + 2]), tl.join(o[BASE + 1], o[BASE + 3]))
     else:
-        return tl.join(tl.join(o[0], o[2]), tl.join(o[1], o[3]))
+        return tl.join(o[BASE + 0], o[BASE + 1])
 
 
 @triton.jit
-def _kcodes_asm(w, BITS: tl.constexpr, CDT: tl.constexpr):
-    """int32 words -> exact key codes in CDT (bf16 for 2/4 bits, else fp16), joined (see _unpack)."""
+def _join_tree(o, BITS: tl.constexpr):
+    """Join the per-position code tensors o[0..n-1] of each word (n = 32 // BITS) into
+    [..., 2, .., 2] whose row-major position inside a word is 2 * k + h for code k + h * n / 2: the
+    two codes that one packed instruction produces (k and k + n/2, low and high half of a
+    register) stay adjacent, so no byte permutes are needed. The tile's channel order is thus
+    permuted inside each word; `_perm` gives the memory channel of each tile position."""
+    HALF: tl.constexpr = 16 // BITS
+    return tl.join(_tree(o, 0, HALF), _tree(o, HALF, HALF))
+
+
+@triton.jit
+def _perm(d, BITS: tl.constexpr):
+    """Memory channel of tile position d in the `_join_tree` order."""
+    KP: tl.constexpr = 32 // BITS
+    return (d // KP) * KP + (d % 2) * (KP // 2) + (d % KP) // 2
+
+
+@triton.jit
+def _planes(w, BITS: tl.constexpr):
+    """The fp32 (exact) code planes of w as a tuple, for `_join_tree` (interpreter/fp32 path)."""
     if BITS == 2:
-        if CDT == tl.bfloat16:
-            o = tl.inline_asm_elementwise(_A_K2_BF16, _C_K2, [w], dtype=(CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT), is_pure=True, pack=1)
-        else:
-            o = tl.inline_asm_elementwise(_A_K2_F16, _C_K2, [w], dtype=(CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT), is_pure=True, pack=1)
+        return (_plane(w, 0, 2), _plane(w, 1, 2), _plane(w, 2, 2), _plane(w, 3, 2), _plane(w, 4, 2), _plane(w, 5, 2),
+                _plane(w, 6, 2), _plane(w, 7, 2), _plane(w, 8, 2), _plane(w, 9, 2), _plane(w, 10, 2), _plane(w, 11, 2),
+                _plane(w, 12, 2), _plane(w, 13, 2), _plane(w, 14, 2), _plane(w, 15, 2))
     elif BITS == 4:
-        if CDT == tl.bfloat16:
-            o = tl.inline_asm_elementwise(_A_K4_BF16, _C_K4, [w], dtype=(CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT), is_pure=True, pack=1)
-        else:
-            o = tl.inline_asm_elementwise(_A_K4_F16, _C_K4, [w], dtype=(CDT, CDT, CDT, CDT, CDT, CDT, CDT, CDT), is_pure=True, pack=1)
+        return (_plane(w, 0, 4), _plane(w, 1, 4), _plane(w, 2, 4), _plane(w, 3, 4), _plane(w, 4, 4), _plane(w, 5, 4),
+                _plane(w, 6, 4), _plane(w, 7, 4))
     else:
-        o = tl.inline_asm_elementwise(_A_K8_F16, _C_K8, [w], dtype=(CDT, CDT, CDT, CDT), is_pure=True, pack=1)
+        return (_plane(w, 0, 8), _plane(w, 1, 8), _plane(w, 2, 8), _plane(w, 3, 8))
+
+
+@triton.jit
+def _kcodes_asm(w, BITS: tl.constexpr, BF16: tl.constexpr):
+    """int32 words -> exact key codes (bf16 if BF16 else fp16), joined as `_unpack` joins them."""
+    if BITS == 2:
+        if BF16:
+            o = tl.inline_asm_elementwise(_A_K2_BF16, _C_K2, [w], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        else:
+            o = tl.inline_asm_elementwise(_A_K2_F16, _C_K2, [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+    elif BITS == 4:
+        if BF16:
+            o = tl.inline_asm_elementwise(_A_K4_BF16, _C_K4, [w], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        else:
+            o = tl.inline_asm_elementwise(_A_K4_F16, _C_K4, [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        o = tl.inline_asm_elementwise(_A_K8_F16, _C_K8, [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
     return _join_tree(o, BITS)
 
 
 @triton.jit
 def _vvals_asm(w, s, z, BITS: tl.constexpr):
     """int32 words and their group's fp16 scale/zero (same shape) -> fp16 values code * s + z."""
-    F: tl.constexpr = tl.float16
     if BITS == 2:
-        o = tl.inline_asm_elementwise(_A_V2, _C_V2, [w, s, z], dtype=(F, F, F, F, F, F, F, F, F, F, F, F, F, F, F, F), is_pure=True, pack=1)
+        o = tl.inline_asm_elementwise(_A_V2, _C_V2, [w, s, z], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
     elif BITS == 4:
-        o = tl.inline_asm_elementwise(_A_V4, _C_V4, [w, s, z], dtype=(F, F, F, F, F, F, F, F), is_pure=True, pack=1)
+        o = tl.inline_asm_elementwise(_A_V4, _C_V4, [w, s, z], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
     else:
-        o = tl.inline_asm_elementwise(_A_V8, _C_V8, [w, s, z], dtype=(F, F, F, F), is_pure=True, pack=1)
+        o = tl.inline_asm_elementwise(_A_V8, _C_V8, [w, s, z], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
     return _join_tree(o, BITS)
 
 
@@ -523,7 +547,11 @@ def _kvpass_decode_dot(
     hq = pid_h * REP + hh
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
-    q = tl.load(Q + pid_b * s_qb + hq[:, None] * s_qh + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    dk = _perm(d, KEY_BITS)      # memory channel of each key tile column (see _join_tree)
+    dv = _perm(d, VALUE_BITS)    # ... and of each value / output column
+    q_ptr = Q + pid_b * s_qb + hq[:, None] * s_qh
+    q = tl.load(q_ptr + dk[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    qn = tl.load(q_ptr + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # natural order
     mask_row = pid_b * s_mb + hq[:, None] * s_mh
 
     m_i = tl.full([HB], float("-inf"), tl.float32)
@@ -551,12 +579,12 @@ def _kvpass_decode_dot(
         else:
             kw = tl.load(kc_base + tok[:, None] * NWK + wk[None, :], mask=tok_ok[:, None] & (wk < NWK)[None, :], other=0)
         if USE_ASM:
-            kcode = tl.reshape(_kcodes_asm(kw, KEY_BITS, KDT), (BLOCK_N, D_PAD))
+            kcode = tl.reshape(_kcodes_asm(kw, KEY_BITS, KDT == tl.bfloat16), (BLOCK_N, D_PAD))
         else:
-            kcode = tl.reshape(_unpack(kw, KEY_BITS), (BLOCK_N, D_PAD)).to(KDT)
-        ks = tl.load(KS + ks_base + grp * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+            kcode = tl.reshape(_join_tree(_planes(kw, KEY_BITS), KEY_BITS), (BLOCK_N, D_PAD)).to(KDT)
+        ks = tl.load(KS + ks_base + grp * HEAD_DIM + dk, mask=d_ok, other=0.0).to(tl.float32)
         kz = tl.load(KZ + ks_base + grp * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
-        qz = tl.sum(q * kz[None, :], axis=1)
+        qz = tl.sum(qn * kz[None, :], axis=1)
         s = (_dot((q * ks[None, :]).to(KDT), tl.trans(kcode), EMULATE_DOT) + qz[:, None]) * qk_scale
         s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
         s = tl.where(tok_ok[None, :], s, float("-inf"))
@@ -580,7 +608,7 @@ def _kvpass_decode_dot(
         if USE_ASM:
             v = tl.reshape(_vvals_asm(vw, vsc.to(tl.float16), vze.to(tl.float16), VALUE_BITS), (BLOCK_N, D_PAD))
         else:
-            vcode = tl.reshape(_unpack(vw, VALUE_BITS), (BLOCK_N, NG_PAD, GROUP_SIZE))
+            vcode = tl.reshape(_join_tree(_planes(vw, VALUE_BITS), VALUE_BITS), (BLOCK_N, NG_PAD, GROUP_SIZE))
             vs1 = tl.max(vsc.to(tl.float32), axis=2)    # the same value along the word axis
             vz1 = tl.max(vze.to(tl.float32), axis=2)
             v = tl.reshape(vcode * vs1[:, :, None] + vz1[:, :, None], (BLOCK_N, D_PAD)).to(VDT)
@@ -595,7 +623,7 @@ def _kvpass_decode_dot(
             in_res = tok < L
             tok_ok = tok < KV_LEN
             r = tok - Lq
-            k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(rk_base + r[:, None] * HEAD_DIM + dk[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
             s = _dot(q.to(DT), tl.trans(k), EMULATE_DOT) * qk_scale
             s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
             s = tl.where(tok_ok[None, :], s, float("-inf"))
@@ -608,16 +636,16 @@ def _kvpass_decode_dot(
                 m_i = m_new
             p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
             l_i += tl.sum(p, axis=1)
-            v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(rv_base + r[:, None] * HEAD_DIM + dv[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
             acc += _dot(p.to(DT), v, EMULATE_DOT)
 
     if SINGLE:
         orow = pid_b * tl.num_programs(1) * REP + hq
-        tl.store(OUT + orow[:, None] * HEAD_DIM + d[None, :], (acc / l_i[:, None]).to(OUT.dtype.element_ty),
+        tl.store(OUT + orow[:, None] * HEAD_DIM + dv[None, :], (acc / l_i[:, None]).to(OUT.dtype.element_ty),
                  mask=h_ok[:, None] & d_ok[None, :])
     else:
         row = (pid_b * tl.num_programs(1) * REP + hq) * NUM_SPLITS_RT + pid_s
-        tl.store(OP + row[:, None] * HEAD_DIM + d[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
+        tl.store(OP + row[:, None] * HEAD_DIM + dv[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
         tl.store(OM + row, m_i, mask=h_ok)
         tl.store(OL + row, l_i, mask=h_ok)
 

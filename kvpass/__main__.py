@@ -1,0 +1,6 @@
+"""`python -m kvpass ...`: see kvpass.cli."""
+import sys
+
+from kvpass.cli import main
+
+sys.exit(main())
