@@ -79,7 +79,8 @@ class KVPassConfig:
         for name, d, bits in (("key", head_dim_k, self.key_bits), ("value", head_dim_v, self.value_bits)):
             if bits == 16:
                 continue
-            if d % self.group_size:
+            # value groups are min(G, head_dim) channels: G must divide head_dim, or be a multiple of it
+            if (self.group_size <= d and d % self.group_size) or (self.group_size > d and self.group_size % d):
                 raise ValueError(
                     f"kvpass: group_size={self.group_size} does not divide the {name} head_dim {d} at {where}; "
                     f"pick a group_size that divides {d} (e.g. {_divisor_hint(d)})."

@@ -77,8 +77,8 @@ def build_report(graph_reports: list[GraphReport], config) -> Report:
     skipped = list(dict.fromkeys(s for r in graph_reports for s in r.skipped))
     full = quant = 0.0
     for s in best.sites:
-        kc = make_codec("key", config.key_bits, config.group_size, s.dtype)
-        vc = make_codec("value", config.value_bits, config.group_size, s.dtype)
+        kc = make_codec("key", config.key_bits, config.group_size, s.dtype, s.head_dim_k)
+        vc = make_codec("value", config.value_bits, config.group_size, s.dtype, s.head_dim_v)
         full += s.kv_heads * (s.head_dim_k + s.head_dim_v) * s.dtype.itemsize
         quant += s.kv_heads * (kc.bytes_per_token(s.head_dim_k) + vc.bytes_per_token(s.head_dim_v))
     return Report(len(best.sites), skipped, full, quant, len(graph_reports), best.sites, config)

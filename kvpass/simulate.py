@@ -25,7 +25,8 @@ def fake_quantize_cache(k, v, key_bits, value_bits, group_size, residual_length)
         return k, v
     scale_dtype = torch.float32 if k.dtype == torch.float32 else torch.float16
     kq = k[:, :, :Lq] if key_bits == 16 else kivi.fake_quantize_keys(k[:, :, :Lq], key_bits, group_size, scale_dtype)
-    vq = v[:, :, :Lq] if value_bits == 16 else kivi.fake_quantize_values(v[:, :, :Lq], value_bits, group_size, scale_dtype)
+    vg = min(group_size, v.shape[-1])  # value groups never span more than one head
+    vq = v[:, :, :Lq] if value_bits == 16 else kivi.fake_quantize_values(v[:, :, :Lq], value_bits, vg, scale_dtype)
     return torch.cat([kq.to(k.dtype), k[:, :, Lq:]], 2), torch.cat([vq.to(v.dtype), v[:, :, Lq:]], 2)
 
 

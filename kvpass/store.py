@@ -96,8 +96,8 @@ class KVStore:
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.B, self.H, self.Dk, self.Dv = B, H, Dk, Dv
         G = cfg.group_size
-        self.keys = _Parts(make_codec("key", cfg.key_bits, G, dtype), B, H, Dk, device)
-        self.values = _Parts(make_codec("value", cfg.value_bits, G, dtype), B, H, Dv, device)
+        self.keys = _Parts(make_codec("key", cfg.key_bits, G, dtype, Dk), B, H, Dk, device)
+        self.values = _Parts(make_codec("value", cfg.value_bits, G, dtype, Dv), B, H, Dv, device)
         self.res_k = torch.empty(B, H, 0, Dk, dtype=dtype, device=device)  # [B, H, L - Lq, Dk]
         self.res_v = torch.empty(B, H, 0, Dv, dtype=dtype, device=device)
 

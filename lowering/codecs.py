@@ -107,9 +107,15 @@ def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.float16
 
 
-def make_codec(kind: str, bits: int, group_size: int, dtype: torch.dtype):
-    """Codec for keys (`kind="key"`) or values (`kind="value"`) at a bit width."""
+def value_group_size(group_size: int, head_dim: int) -> int:
+    """Channels per value scale: G, or the whole head when G exceeds head_dim (e.g. G=128, D=64)."""
+    return min(group_size, head_dim)
+
+
+def make_codec(kind: str, bits: int, group_size: int, dtype: torch.dtype, head_dim: int):
+    """Codec for keys (`kind="key"`, G tokens per scale) or values (`kind="value"`, G channels per scale)."""
     if bits == 16:
         return FullPrecisionCodec(dtype)
-    cls = KiviKeyCodec if kind == "key" else KiviValueCodec
-    return cls(bits, group_size, scale_dtype_for(dtype))
+    if kind == "key":
+        return KiviKeyCodec(bits, group_size, scale_dtype_for(dtype))
+    return KiviValueCodec(bits, value_group_size(group_size, head_dim), scale_dtype_for(dtype))

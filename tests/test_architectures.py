@@ -107,3 +107,13 @@ def test_sliding_window_layers_are_left_full_precision_and_reported():
     assert report.rewritten == 0
     assert any("sliding" in reason for _, reason in report.skipped), str(report)
     assert torch.equal(expected, got)  # left untouched: exact
+
+
+def test_group_larger_than_head_dim_uses_whole_head_value_groups():
+    """G=32 > head_dim 16: keys keep 32-token groups, values one group per head; equals the simulation."""
+    model = FAMILIES["llama"][0]("sdpa")
+    ids = _ids(80)
+    sim = model.generate(ids, past_key_values=SimulatedKiviCache(model.config, 2, 2, 32, 0), **GEN)
+    b = kvpass.backend(bits=2, group_size=32, residual_length=0, inner="eager")
+    model.compile(backend=b)
+    assert torch.equal(sim, model.generate(ids, **GEN))

@@ -7,7 +7,8 @@
   configs.py     config names -> backend / cache factory
   cli.py         table of configs (main_eval); also ``python -m kvpass.evaluate``
 """
-from kvpass.evaluate.baselines import FakeQuantCache, hf_quantized_cache_factory, naive_cache_factory
+from kvpass.evaluate.baselines import (FakeQuantCache, hf_quantized_cache_factory,
+                                       naive_cache_factory)
 from kvpass.evaluate.model import load_default_model, load_model
 from kvpass.evaluate.passkey import passkey
 from kvpass.evaluate.perplexity import full_sequence_perplexity, perplexity

