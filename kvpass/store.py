@@ -93,6 +93,7 @@ class KVStore:
     """One layer's quantized keys and values for one cache (see the module docstring for layout)."""
 
     def __init__(self, cfg: StoreConfig, B: int, H: int, Dk: int, Dv: int, dtype, device):
+        device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", so device checks compare equal
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.B, self.H, self.Dk, self.Dv = B, H, Dk, Dv
         G = cfg.group_size

@@ -1,35 +1,44 @@
 """Split-KV (flash-decoding) attention of one new query token over a KIVI-quantized KV store.
 
-Template constexprs (one compiled specialization per combination; `kernel_name(spec)` names it,
-e.g. `kvpass_attn_b2_g32_d128_bf16`, or `kvpass_attn_k2v4_g32_d128_bf16` for mixed widths):
-    KEY_BITS, VALUE_BITS   2, 4, 8      code widths of keys / values (packed LSB-first in bytes)
-    GROUP_SIZE             16, 32, 64, 128   G: tokens per key scale (per-channel), channels per
-                                        value scale (per-token); must divide HEAD_DIM
-    HEAD_DIM               64, 80, 96, 128, 256 (any multiple of 16); D_PAD = next power of two
-    DTYPE                  fp16, bf16, fp32   the model dtype (q, residual window, output);
-                                        scales/zeros are fp16 for half models, fp32 for fp32
-    BLOCK_N                tokens per step in the quantized region; divides GROUP_SIZE
-    BLOCK_R                tokens per step in the full-precision residual window and the tail
-    HB                     query heads per program: the REP = Hq / Hkv heads sharing one KV head,
-                           padded to a power of two (>= 16 for tensor-core dots)
-    USE_DOT                tl.dot on tensor cores (GQA) or CUDA-core FMAs (MHA, small REP)
+Two kernel templates, one compiled specialization per combination of their constexprs;
+`kernel_name(spec)` gives the readable name used in logs and benchmarks, e.g.
+`kvpass_attn_b2_g32_d128_bf16` (or `kvpass_attn_k2v4_g32_d128_bf16` for mixed widths):
+  _kvpass_decode_dot   tensor cores: the REP = Hq/Hkv query heads of one KV head are the MMA rows
+  _kvpass_decode_rows  CUDA cores: one query head per program, each thread owns token rows
+  _kvpass_decode_reduce  combines the splits' (acc, m, l)
+Constexprs:
+    KEY_BITS, VALUE_BITS   2, 4, 8 (mixed allowed); codes packed LSB-first in bytes (lowering/kivi.py)
+    GROUP_SIZE             16, 32, 64, 128: G tokens per key scale (per channel), G channels per
+                           value scale (per token); must divide HEAD_DIM
+    HEAD_DIM               64, 80, 96, 128, 256 (any multiple of 16 <= 256); D_PAD = next power of 2
+    dtype                  the type of Q: fp16, bf16, fp32 (the model dtype: q, residual window,
+                           output); scales/zeros are fp16 for half models, fp32 for fp32 models
+    BLOCK_N                tokens per step (dot: divides G, one key group per step; rows: nests with G)
+    HB                     (dot) query rows per program: REP rounded up to a power of 2, or padded to
+                           DecodeConfig.pad_heads
     MASK_KIND              0 none, 1 bool (True = attend), 2 additive float
-Invalid combinations fail a tl.static_assert at compile time.
+    SINGLE                 one split: write the output directly (no reduce launch)
+    USE_ASM                (dot) unpack two codes per instruction in inline PTX (GPU, 16-bit models);
+                           else exact fp32 unpacking (interpreter, fp32 models)
+    EMULATE_DOT            (dot) the CPU interpreter's bf16 dot is wrong: multiply the rounded
+                           operands in fp32 instead
+    num_warps, num_stages  launch options (DecodeConfig)
+Invalid combinations fail a tl.static_assert at compile time; `check_spec` says so before launch.
 
 Math (log2 domain, qk_scale = sm_scale * log2(e)):
   keys   k[t, d] = c[t, d] * s[g(t), d] + z[g(t), d]     per-channel scales over G tokens, so
          q . k[t] = sum_d (q_d s_d) c[t, d] + sum_d q_d z_d: the scale is folded into q once per
-         key group and the codes go straight into the dot ("fold per-channel key scale into q");
-  values v[t, d] = c[t, d] * s[t, g(d)] + z[t, g(d)]     per-token scales over G channels; in the
-         FMA form the scale is folded into p (sum_t (p_t s_t) c[t, d] + sum_t p_t z_t).
-  Codes are unpacked in registers from int32 words: a code at bit position b' < 16 (after one
-  16-bit shift for the high half of the word) is ORed into the mantissa of 2**23 and turned into
-  an exact fp32 integer by one multiply-add; no integer->float conversion instructions.
-Programs: grid (num_splits, Hkv, B). Split s covers key groups [s * chunk, (s + 1) * chunk) of the
-quantized region; split `res_split` also covers the residual window [Lq, L) and, for static
-caches, the tail [L, kv_len) whose keys/values read as zeros (exactly what the reference's
-zero-padded read gives). With one split the program writes the output directly; otherwise it
-writes (acc, m, l) partials and `_kvpass_decode_reduce` combines them.
+         key group and the codes go straight into the dot;
+  values v[t, d] = c[t, d] * s[t, g(d)] + z[t, g(d)]     per-token scales over G channels:
+         dequantized in fp16 before the P @ V dot (dot), or folded into p (rows).
+  Codes never go through integer->float conversion instructions: the code bits are ORed into
+  the mantissa of a magic float and one (packed) FMA makes them exact (`_plane`, `_asm_unpack`).
+  Online softmax in fp32 with a lazily raised running max (only when a block exceeds it by 2**8).
+Programs: grid (splits, Hkv, B) (rows: (REP * splits, Hkv, B)). Split s covers the key groups
+[s * chunk, (s + 1) * chunk) of the quantized region; split `res_split` also covers the
+full-precision window [Lq, L) and, for static caches, the tail [L, kv_len) whose keys/values read
+as zeros (exactly what the reference's zero-padded read gives).
+Performance and its limits on the H100: benchmarks/NOTES.md.
 """
 from __future__ import annotations
 
@@ -62,12 +71,13 @@ class DecodeConfig:
     every supported spec: BLOCK_N is clipped to the group size)."""
 
     block_n: int = 64          # tokens per step (the dot variant clips it to the group size)
-    use_dot: bool = True       # tensor-core variant; else the CUDA-core rows variant (MHA only)
+    use_dot: bool = True       # tensor-core variant; else the CUDA-core rows variant (best for MHA)
     use_asm: bool = True       # packed 16-bit unpacking in inline PTX (GPU); else fp32 unpacking
     num_warps: int = 4
     num_stages: int = 2
     ctas_per_sm: int = 4       # split-KV target: B * Hkv * splits ~ ctas_per_sm * SMs
     min_groups_per_split: int = 4
+    pad_heads: int = 16        # dot variant: query rows per program padded to >= this (1 = exact)
 
 
 DEFAULT_CONFIG = DecodeConfig()
@@ -121,6 +131,7 @@ def _load_tuned() -> dict:
 
 def save_tuned(key: tuple, cfg: DecodeConfig):
     """Record a tuned config so later processes do not re-tune (JSON beside the user's cache)."""
+    _CHOSEN.clear()
     table = _load_tuned()
     table[key] = cfg
     path = _cache_path()
@@ -137,12 +148,30 @@ def config_key(spec: DecodeSpec, length: int) -> tuple:
 
 
 def default_config_for(spec: DecodeSpec) -> DecodeConfig:
-    return DEFAULT_CONFIG
+    """Rules distilled from the H100 sweep (benchmarks/NOTES.md, 2026-11-22, B=8, T=16k, D=128):
+    MHA: the CUDA-core rows variant (128-token blocks, 4 warps) beat every tensor-core config;
+    GQA/MQA: the tensor-core variant with unpadded query rows, one key group per step, 1-2 warps
+    and many splits (short programs, many in flight)."""
+    if spec.rep == 1:
+        return replace(DEFAULT_CONFIG, use_dot=False, block_n=128 if spec.head_dim <= 128 else 64,
+                       num_warps=4 if spec.head_dim <= 128 else 8, num_stages=2, ctas_per_sm=4)
+    if spec.group_size >= 64:
+        return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64, num_warps=1, num_stages=3, ctas_per_sm=32)
+    return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=min(32, spec.group_size), num_warps=2,
+                   num_stages=3, ctas_per_sm=32)
+
+
+_CHOSEN: dict = {}
 
 
 def get_config(spec: DecodeSpec, length: int) -> DecodeConfig:
-    key = config_key(spec, length)
-    cfg = _load_tuned().get(key) or CONFIG_TABLE.get(key) or default_config_for(spec)
+    """Tuned (JSON cache) > CONFIG_TABLE > rules; memoized per (spec, length bucket)."""
+    memo = (spec, length_bucket(length))
+    cfg = _CHOSEN.get(memo)
+    if cfg is None:
+        key = config_key(spec, length)
+        cfg = _load_tuned().get(key) or CONFIG_TABLE.get(key) or default_config_for(spec)
+        _CHOSEN[memo] = cfg
     return cfg
 
 
@@ -523,7 +552,7 @@ def _kvpass_decode_dot(
     tl.static_assert(GROUP_SIZE % (32 // VALUE_BITS) == 0, "a value group must be whole int32 words")
     tl.static_assert(GROUP_SIZE % BLOCK_N == 0, "BLOCK_N must divide GROUP_SIZE (one key group per step)")
     tl.static_assert(D_PAD >= HEAD_DIM and D_PAD <= 256, "D_PAD must cover HEAD_DIM (<= 256)")
-    tl.static_assert(HB >= 16 and BLOCK_N >= 16, "tensor-core dots need >= 16 rows and >= 16 tokens")
+    tl.static_assert(BLOCK_N >= 16, "tensor-core dots need >= 16 tokens")
 
     DT: tl.constexpr = Q.dtype.element_ty
     IS_F32: tl.constexpr = DT == tl.float32
@@ -569,15 +598,21 @@ def _kvpass_decode_dot(
     ks_base = pid_b * s_ksb + pid_h * s_ksh
     vc_base = VC + pid_b * s_vcb + pid_h * s_vch
     vs_base = pid_b * s_vsb + pid_h * s_vsh
+    tok0 = start + nb
+    if NWK_PAD == NWK:
+        kmask_w = wk < NWK_PAD
+    else:
+        kmask_w = wk < NWK
+    kp = kc_base + tok0[:, None] * NWK + wk[None, :]                                 # advanced per step
+    vp = vc_base + tok0[:, None, None] * (NG * WG) + (g_idx * WG)[None, :, None] + wv[None, None, :]
+    vsp = VS + vs_base + tok0[:, None, None] * NG + g_idx[None, :, None] + wv[None, None, :] * 0
+    vzp = VZ + vs_base + tok0[:, None, None] * NG + g_idx[None, :, None] + wv[None, None, :] * 0
     for t0 in range(start, end, BLOCK_N):
         tok = t0 + nb
         tok_ok = tok < end
         grp = t0 // GROUP_SIZE
         # ---- keys
-        if NWK_PAD == NWK:
-            kw = tl.load(kc_base + tok[:, None] * NWK + wk[None, :], mask=tok_ok[:, None], other=0)
-        else:
-            kw = tl.load(kc_base + tok[:, None] * NWK + wk[None, :], mask=tok_ok[:, None] & (wk < NWK)[None, :], other=0)
+        kw = tl.load(kp, mask=tok_ok[:, None] & kmask_w[None, :], other=0)
         if USE_ASM:
             kcode = tl.reshape(_kcodes_asm(kw, KEY_BITS, KDT == tl.bfloat16), (BLOCK_N, D_PAD))
         else:
@@ -600,11 +635,13 @@ def _kvpass_decode_dot(
         l_i += tl.sum(p, axis=1)
         # ---- values: words [BLOCK_N, NG_PAD, WG], scale/zero of the token's channel group
         v_ok = tok_ok[:, None, None] & (g_idx < NG)[None, :, None]
-        vw = tl.load(vc_base + tok[:, None, None] * (NG * WG) + (g_idx * WG)[None, :, None] + wv[None, None, :], mask=v_ok, other=0)
-        vsp = VS + vs_base + tok[:, None, None] * NG + g_idx[None, :, None] + wv[None, None, :] * 0
-        vzp = VZ + vs_base + tok[:, None, None] * NG + g_idx[None, :, None] + wv[None, None, :] * 0
+        vw = tl.load(vp, mask=v_ok, other=0)
         vsc = tl.load(vsp, mask=v_ok, other=0.0)
         vze = tl.load(vzp, mask=v_ok, other=0.0)
+        kp += BLOCK_N * NWK
+        vp += BLOCK_N * (NG * WG)
+        vsp += BLOCK_N * NG
+        vzp += BLOCK_N * NG
         if USE_ASM:
             v = tl.reshape(_vvals_asm(vw, vsc.to(tl.float16), vze.to(tl.float16), VALUE_BITS), (BLOCK_N, D_PAD))
         else:
@@ -740,7 +777,7 @@ def decode_attention(
     *, key_bits: int, value_bits: int, group_size: int,
     quantized_length: int, length: int, kv_len: int | None = None,
     sm_scale: float | None = None, attn_mask: torch.Tensor | None = None,
-    config: DecodeConfig | None = None,
+    config: DecodeConfig | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q K^T * sm_scale + mask) V for q [B, Hq, 1, D] over a KIVI store.
 
@@ -750,7 +787,8 @@ def decode_attention(
     kv_len (default length): the attended width; columns >= length read zero keys/values, as the
     reference's zero-padded static-cache read does; kv_len < length attends the first kv_len.
     attn_mask: None, bool (True = attend) or additive float of q's dtype, broadcastable to
-    [B, Hq, 1, kv_len]. Returns [B, Hq, 1, D] in q's dtype.
+    [B, Hq, 1, kv_len]. Returns [B, Hq, 1, D] in q's dtype, written into `out` when given
+    (contiguous, that shape and dtype; every element is written).
     """
     B, Hq, Tq, D = q.shape
     assert Tq == 1, "decode kernel takes one query token"
@@ -799,7 +837,10 @@ def decode_attention(
     units = B * H if use_dot else B * Hq
     S, chunk, res_split = plan_splits(units, Lq, max(G, block_n), has_rest, cfg, q.device)
     single = S == 1
-    out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
+    else:
+        assert out.shape == (B, Hq, 1, D) and out.dtype == q.dtype and out.is_contiguous(), "bad `out`"
     if single:
         op = om = ol = out
     else:
@@ -817,14 +858,21 @@ def decode_attention(
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if use_dot:
         interp = _interpreting()
-        _kvpass_decode_dot[(S, H, B)](*args, HB=max(16, _next_pow2(rep)), EMULATE_DOT=interp,
-                                      USE_ASM=(not interp) and q.dtype != torch.float32 and cfg.use_asm, **common)
+        _launch(_kvpass_decode_dot, (S, H, B), args, dict(common, HB=max(cfg.pad_heads, _next_pow2(rep)), EMULATE_DOT=interp,
+                USE_ASM=(not interp) and q.dtype != torch.float32 and cfg.use_asm))
     else:
-        _kvpass_decode_rows[(rep * S, H, B)](*args, **common)
+        _launch(_kvpass_decode_rows, (rep * S, H, B), args, common)
     if not single:
-        _kvpass_decode_reduce[(B * Hq,)](op, om, ol, out, S, HEAD_DIM=D, D_PAD=D_PAD,
-                                         S_POW2=max(2, _next_pow2(S)), num_warps=4)
+        _launch(_kvpass_decode_reduce, (B * Hq,), (op, om, ol, out, S),
+                dict(HEAD_DIM=D, D_PAD=D_PAD, S_POW2=max(2, _next_pow2(S)), num_warps=4))
     return out
+
+
+def _launch(fn, grid, args, kw):
+    """Plain Triton launch. (A direct call of the cached CompiledKernel's launcher was tried to cut
+    host time; on Triton 3.6 its argument convention differs from 3.9's and its self-test failed,
+    so it was removed: benchmarks/NOTES.md, "host overhead".)"""
+    fn[grid](*args, **kw)
 
 
 def store_spec(store, q: torch.Tensor) -> DecodeSpec:
@@ -832,12 +880,12 @@ def store_spec(store, q: torch.Tensor) -> DecodeSpec:
                       q.shape[1] // store.H)
 
 
-def decode_attention_store(q, store, attn_mask=None, kv_len=None, sm_scale=None, config=None):
+def decode_attention_store(q, store, attn_mask=None, kv_len=None, sm_scale=None, config=None, out=None):
     """`decode_attention` over a kvpass KVStore (kvpass/store.py)."""
     kb, vb = store.keys.buffers, store.values.buffers
     return decode_attention(
         q, kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"], store.res_k, store.res_v,
         key_bits=store.cfg.key_bits, value_bits=store.cfg.value_bits, group_size=store.cfg.group_size,
         quantized_length=store.quantized_length, length=store.length, kv_len=kv_len, sm_scale=sm_scale,
-        attn_mask=attn_mask, config=config,
+        attn_mask=attn_mask, config=config, out=out,
     )

@@ -1,0 +1,379 @@
+"""End-to-end decode: a Llama-2-7B-shaped model (32 layers, 32 heads, head_dim 128, random bf16
+weights) with kvpass.backend(bits=2) vs plain torch.compile (Inductor) on a bf16 StaticCache.
+
+    PYTHONPATH=. python3 benchmarks/bench_decode.py [--configs 4096x1,32768x1,4096x8,32768x8] [--out DIR]
+
+Both sides: an eager prefill of the prompt (not timed), then `--steps` greedy decode steps through
+the compiled forward, timed with a host clock around synchronized steps (tokens/s = batch *
+steps / time). kvpass: DynamicCache (no host syncs in its writes), its first compiled step
+ingests the prefilled cache into the quantized store. Baseline: StaticCache of prompt + steps
+slots, model.forward compiled by Inductor with dynamic shapes. Peak memory = max allocated
+during decode. A profile of kvpass decode steps splits the step time into attention kernels,
+other GPU work and host time. The largest batch at 16k context is computed from the measured
+bytes per token of each cache and checked by allocating it (kvpass: the stores of all 32 layers,
+with one decode-attention call per layer). Writes decode.csv / decode.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DRY = "--dry" in sys.argv
+DEV = torch.device("cpu") if DRY else torch.device("cuda", 0)
+
+
+def llama7b_config(layers: int):
+    from transformers import LlamaConfig
+
+    if DRY:
+        cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=1000, max_position_embeddings=70000)
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=70000)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_model(cfg):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = LlamaForCausalLM(cfg)
+    return model.to(torch.bfloat16).eval()
+
+
+def sync():
+    if not DRY:
+        torch.cuda.synchronize()
+
+
+def peak_reset():
+    if not DRY:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb():
+    return torch.cuda.max_memory_allocated() / 2**30 if not DRY else 0.0
+
+
+def decode_loop(step, first, cache, steps, warmup, start_pos, static):
+    """Greedy decode: returns (seconds for `steps` timed steps, last token)."""
+    tok = first
+    pos = start_pos
+    t0 = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        kw = dict(input_ids=tok, past_key_values=cache, use_cache=True)
+        if static:
+            kw["cache_position"] = torch.tensor([pos], device=DEV)
+        out = step(**kw)
+        tok = out.logits[:, -1:].argmax(-1)
+        pos += 1
+    sync()
+    return time.perf_counter() - t0, tok
+
+
+def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd):
+    from transformers import StaticCache
+
+    ids = torch.randint(0, cfg.vocab_size, (B, P), device=DEV)
+    cache = StaticCache(config=cfg, max_cache_len=P + warmup + steps)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    cache_position=torch.arange(P, device=DEV))
+        first = out.logits[:, -1:].argmax(-1)
+        del out
+        peak_reset()
+        secs, _ = decode_loop(compiled_fwd, first, cache, steps, warmup, P, static=True)
+    res = dict(tokens_per_s=B * steps / secs, ms_per_step=secs / steps * 1e3, peak_gb=peak_gb())
+    del cache
+    return res
+
+
+def run_kvpass(model, cfg, P, B, steps, warmup, compiled_fwd, profile=False):
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, cfg.vocab_size, (B, P), device=DEV)
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1:].argmax(-1)
+        del out
+        peak_reset()
+        secs, tok = decode_loop(compiled_fwd, first, cache, steps, warmup, P, static=False)
+        res = dict(tokens_per_s=B * steps / secs, ms_per_step=secs / steps * 1e3, peak_gb=peak_gb())
+        if profile and not DRY:
+            res.update(profile_steps(compiled_fwd, tok, cache, 4))
+    del cache
+    return res
+
+
+def profile_steps(step, tok, cache, n):
+    """GPU time per category over n decode steps, and the host-side step time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = step(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+        sync()
+        wall = time.perf_counter() - t0
+    cats = {"attention_kernel": 0.0, "attention_reduce": 0.0, "gemm": 0.0, "store_append_and_other": 0.0}
+    launches = 0
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0.0)
+        if not t or e.device_type is None or "cuda" not in str(e.device_type).lower():
+            continue
+        name = e.key
+        launches += e.count
+        if "_kvpass_decode_reduce" in name:
+            cats["attention_reduce"] += t
+        elif "_kvpass_decode" in name:
+            cats["attention_kernel"] += t
+        elif "gemm" in name.lower() or "gemv" in name.lower() or "cutlass" in name.lower() or "sm90" in name.lower():
+            cats["gemm"] += t
+        else:
+            cats["store_append_and_other"] += t
+    per_step = {f"gpu_{k}_ms": v / n / 1e3 for k, v in cats.items()}
+    gpu_total = sum(cats.values()) / n / 1e3
+    return dict(profile_wall_ms_per_step=wall / n * 1e3, profile_gpu_busy_ms_per_step=gpu_total,
+                kernel_launches_per_step=launches / n, **per_step)
+
+
+def cache_bytes_per_token(cfg, kvpass_bits=None, G=32, R=128, T=16384):
+    """Bytes per token of context for all layers: bf16 cache, or the kvpass store at T tokens."""
+    L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    if kvpass_bits is None:
+        return L * 2 * H * D * 2
+    b = kvpass_bits
+    Lq = (T - R) // G * G
+    per_layer = 2 * H * (Lq * D * b // 8) + H * (2 * (Lq // G) * D * 2) + H * (2 * Lq * (D // G) * 2) + 2 * H * (T - Lq) * D * 2
+    return L * per_layer / T
+
+
+def _alloc_store(B, H, T, D, bits=2, G=32, R=128):
+    """A kvpass store's buffers at T tokens, allocated in place (no large temporaries)."""
+    Lq = (T - R) // G * G
+    Lr = T - Lq
+    u8 = dict(dtype=torch.uint8, device=DEV)
+    st = dict(k_codes=torch.empty(B, H, Lq, D * bits // 8, **u8).random_(0, 256),
+              v_codes=torch.empty(B, H, Lq, D * bits // 8, **u8).random_(0, 256),
+              k_scale=torch.empty(B, H, Lq // G, D, dtype=torch.float16, device=DEV).uniform_(0.05, 0.5),
+              k_zero=torch.empty(B, H, Lq // G, D, dtype=torch.float16, device=DEV).normal_(),
+              v_scale=torch.empty(B, H, Lq, D // G, dtype=torch.float16, device=DEV).uniform_(0.02, 0.3),
+              v_zero=torch.empty(B, H, Lq, D // G, dtype=torch.float16, device=DEV).normal_(),
+              res_k=torch.empty(B, H, Lr, D, dtype=torch.bfloat16, device=DEV).normal_(),
+              res_v=torch.empty(B, H, Lr, D, dtype=torch.bfloat16, device=DEV).normal_())
+    return dict(st, key_bits=bits, value_bits=bits, group_size=G, quantized_length=Lq, length=T)
+
+
+def _fits(cfg, B, T, kind, weights_bytes):
+    """Allocate weights-sized memory + the whole cache at batch B and run one attention per layer."""
+    from kvpass.templates import decode_attention as da
+    import torch.nn.functional as F
+
+    L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    held = []
+    try:
+        held.append(torch.empty(weights_bytes + 2 * 2**30, dtype=torch.uint8, device=DEV))  # weights + activations
+        q = torch.randn(B, cfg.num_attention_heads, 1, D, device=DEV, dtype=torch.bfloat16)
+        for _ in range(L):
+            if kind == "bf16":
+                k = torch.empty(B, H, T, D, device=DEV, dtype=torch.bfloat16).normal_()
+                v = torch.empty(B, H, T, D, device=DEV, dtype=torch.bfloat16).normal_()
+                held += [k, v]
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            else:
+                st = _alloc_store(B, H, T, D)
+                held.append(st)
+                da.decode_attention(q, **st)
+        torch.cuda.synchronize()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        del held
+        torch.cuda.empty_cache()
+
+
+def largest_batch(cfg, weights_bytes, T=16384):
+    """Largest batch at T context: estimate from bytes per token, then the largest batch whose
+    weights-sized block + full cache (all layers) + one attention call per layer really fits."""
+    if DRY:
+        return {}
+    total = torch.cuda.mem_get_info()[1]
+    res = {}
+    for kind, bpt in (("bf16", cache_bytes_per_token(cfg)), ("kvpass2", cache_bytes_per_token(cfg, 2, T=T))):
+        est = int((total - weights_bytes - 4 * 2**30) // (bpt * T))
+        b = est + 1
+        while b > 0 and not _fits(cfg, b, T, kind, weights_bytes):
+            b -= 1
+        res[f"{kind}_bytes_per_token"] = bpt
+        res[f"{kind}_largest_batch_estimate"] = est
+        res[f"{kind}_largest_batch_checked"] = b
+    return res
+
+
+def host_overheads(cfg):
+    """Host-side microseconds of the pieces a kvpass decode step runs per layer (GPU work tiny)."""
+    if DRY:
+        return {}
+    import kvpass.lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
+    from kvpass.lowering import dispatch
+    from kvpass.store import KVStore, StoreConfig
+    from kvpass.templates import decode_attention as da
+
+    H, D = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    st = KVStore(StoreConfig(2, 2, 32, 128), 1, H, D, D, torch.bfloat16, DEV)
+    st.append(torch.randn(1, H, 4096, D, device=DEV, dtype=torch.bfloat16), torch.randn(1, H, 4096, D, device=DEV, dtype=torch.bfloat16))
+    q = torch.randn(1, cfg.num_attention_heads, 1, D, device=DEV, dtype=torch.bfloat16)
+    new = torch.randn(1, H, 1, D, device=DEV, dtype=torch.bfloat16)
+    out = {}
+
+    def per_call_us(fn, n=300):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        return host
+
+    out["decode_attention_wrapper_us"] = per_call_us(lambda: da.decode_attention_store(q, st))
+    out["dispatch_attention_us"] = per_call_us(lambda: dispatch.attention(q, st, None, st.length, 1, 0.0, False, None, True))
+    out["kvpass_attention_op_us"] = per_call_us(
+        lambda: torch.ops.kvpass.attention(q, _token(st), None, st.length, 1, D, 0.0, False, None, True))
+    out["store_append_us"] = per_call_us(lambda: st.append(new, new))
+    tiny = torch.randn(16, device=DEV)
+    out["one_torch_op_launch_us"] = per_call_us(lambda: tiny.add_(1.0))
+    print("host overheads (us per call):", {k: round(v, 1) for k, v in out.items()})
+    return out
+
+
+def _token(st):
+    from kvpass.store import new_token
+
+    if not hasattr(_token, "cache"):
+        _token.cache = {}
+    if id(st) not in _token.cache:
+        _token.cache[id(st)] = new_token(st)
+    return _token.cache[id(st)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default="4096x1,32768x1,4096x8,32768x8")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--only-extras", action="store_true", help="host overheads + largest batch, no model runs")
+    ap.add_argument("--skip-kvpass", action="store_true")
+    ap.add_argument("--dry", action="store_true", help="CPU, tiny model, eager compilers (script check only)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--date", default=datetime.date.today().isoformat())
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import kvpass
+    import triton
+
+    cfg = llama7b_config(args.layers)
+    model = build_model(cfg)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gpu = "cpu-dry-run" if DRY else torch.cuda.get_device_properties(0).name
+    info = dict(gpu=gpu, date=args.date, torch=torch.__version__, triton=triton.__version__,
+                model="Llama-2-7B shape, random bf16 weights", weights_gb=weights / 2**30)
+    print(json.dumps(info))
+    inner = "eager" if DRY else "inductor"
+    base_fwd = torch.compile(model.forward, backend="eager" if DRY else "inductor", dynamic=True)
+    kv_backend = kvpass.backend(bits=2, group_size=32, residual_length=128, inner=inner)
+    kv_fwd = torch.compile(model.forward, backend=kv_backend, dynamic=True)
+    rows = []
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    if DRY:
+        configs = [(64, 1), (100, 2)]
+    if args.only_extras:
+        configs = []
+    extras = {}
+    try:
+        extras["host_overheads"] = host_overheads(cfg)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    for P, B in configs:
+        for kind in ("kvpass2", "bf16_static"):
+            if (kind == "bf16_static" and args.skip_baseline) or (kind == "kvpass2" and args.skip_kvpass):
+                continue
+            need = cache_bytes_per_token(cfg) * (P + args.steps + args.warmup) * B
+            if kind == "bf16_static" and not DRY and need + weights > torch.cuda.mem_get_info()[1] * 0.95:
+                row = dict(kind=kind, prompt=P, batch=B, tokens_per_s="", ms_per_step="", peak_gb="",
+                           note=f"does not fit: bf16 cache {need / 2**30:.0f} GiB + weights {weights / 2**30:.1f} GiB")
+                print(row)
+                rows.append(row)
+                continue
+            if kind == "kvpass2" and not DRY and cache_bytes_per_token(cfg) * P * B + weights > torch.cuda.mem_get_info()[1] * 0.9:
+                row = dict(kind=kind, prompt=P, batch=B, tokens_per_s="", ms_per_step="", peak_gb="",
+                           note="eager bf16 prefill does not fit (the decode store would)")
+                print(row)
+                rows.append(row)
+                continue
+            t0 = time.perf_counter()
+            try:
+                if kind == "kvpass2":
+                    res = run_kvpass(model, cfg, P, B, args.steps, args.warmup, kv_fwd, profile=(B == 1))
+                else:
+                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_fwd)
+                res.update(kind=kind, prompt=P, batch=B, note="")
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                res = dict(kind=kind, prompt=P, batch=B, tokens_per_s="", ms_per_step="", peak_gb="",
+                           note=f"failed: {type(e).__name__}: {str(e)[:200]}")
+            res["wall_s_incl_compile"] = round(time.perf_counter() - t0, 1)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}, flush=True)
+            rows.append(res)
+            if not DRY:
+                torch.cuda.empty_cache()
+    lb = {}
+    try:
+        lb = largest_batch(cfg, weights)
+        print("largest batch at 16k:", lb)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    cols = ["gpu", "date", "torch", "triton", "kind", "prompt", "batch", "tokens_per_s", "ms_per_step", "peak_gb", "note"]
+    extra = sorted({k for r in rows for k in r} - set(cols))
+    name = "decode.csv" if rows else "decode_extras.csv"
+    with open(os.path.join(args.out, name), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols + extra)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: info.get(k, "") for k in ("gpu", "date", "torch", "triton")}, **r})
+    with open(os.path.join(args.out, "decode_extra.json" if rows else "decode_extras_only.json"), "w") as f:
+        json.dump(dict(info=info, largest_batch_16k=lb, rows=rows, **extras), f, indent=1, default=str)
+    print("\n| kind | prompt | batch | tokens/s | ms/step | peak GiB | note |")
+    for r in rows:
+        tps = r.get("tokens_per_s")
+        print(f"| {r['kind']} | {r['prompt']} | {r['batch']} | {tps:.1f} | {r['ms_per_step']:.2f} | {r['peak_gb']:.1f} | {r['note']} |"
+              if isinstance(tps, float) else f"| {r['kind']} | {r['prompt']} | {r['batch']} | - | - | - | {r['note']} |")
+
+
+if __name__ == "__main__":
+    main()
