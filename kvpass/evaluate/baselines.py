@@ -16,30 +16,10 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-import torch
 from transformers import DynamicCache, QuantizedCache
 from transformers.cache_utils import DynamicLayer
 
-
-def fake_quant_groups(x: torch.Tensor, bits: int, group_size: int, dim: int = -1) -> torch.Tensor:
-    """Quantize-dequantize x in contiguous groups of ``group_size`` along ``dim``.
-
-    Asymmetric min/max per group, round-to-nearest, 2**bits levels; returns x's
-    shape and dtype. The math runs in fp32.
-    """
-    dim = dim % x.dim()
-    size = x.shape[dim]
-    if size % group_size:
-        raise ValueError(f"group_size {group_size} does not divide dim {dim} of size {size}")
-    xt = x.float().movedim(dim, -1)                                # [..., C]
-    g = xt.reshape(*xt.shape[:-1], size // group_size, group_size)  # [..., C/G, G]
-    lo = g.amin(-1, keepdim=True)                                   # [..., C/G, 1]
-    hi = g.amax(-1, keepdim=True)
-    levels = 2 ** bits - 1
-    scale = (hi - lo).clamp_min(1e-8) / levels
-    q = ((g - lo) / scale).round_().clamp_(0, levels)
-    deq = (q * scale + lo).reshape(xt.shape).movedim(-1, dim)
-    return deq.to(x.dtype)
+from kvpass.lowering import kivi
 
 
 class FakeQuantLayer(DynamicLayer):
@@ -50,9 +30,9 @@ class FakeQuantLayer(DynamicLayer):
         self.bits, self.group_size = bits, group_size
 
     def update(self, key_states, value_states, *args, **kwargs):
-        # key_states, value_states: [B, H_kv, T_new, D]; groups run along D (per token)
-        k = fake_quant_groups(key_states, self.bits, self.group_size, dim=-1)
-        v = fake_quant_groups(value_states, self.bits, self.group_size, dim=-1)
+        # key_states, value_states: [B, H_kv, T_new, D]; groups of G channels per token, for K too
+        k = kivi.fake_quantize_values(key_states, self.bits, self.group_size).to(key_states.dtype)
+        v = kivi.fake_quantize_values(value_states, self.bits, self.group_size).to(value_states.dtype)
         return super().update(k, v, *args, **kwargs)
 
 
