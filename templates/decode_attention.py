@@ -385,6 +385,35 @@ def _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND: tl.constexpr):
 _DNS = ["Lq", "L", "KV_LEN", "chunk", "res_split", "NUM_SPLITS_RT", "s_mb", "s_mh", "s_mk"]
 
 
+@triton.jit
+def _lazy_softmax_rows(s, m, acc, accz, l_r):
+    """Online-softmax step for one query head (rows variant), log2 domain: the running max is only
+    raised when the block exceeds it by more than 2^8 (FA4-style lazy rescale). Returns p too."""
+    m_blk = tl.max(s, axis=0)
+    if m_blk > m + 8.0:
+        alpha = tl.exp2(m - m_blk)
+        acc = acc * alpha
+        accz = accz * alpha
+        l_r = l_r * alpha
+        m = m_blk
+    p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m))
+    return p, m, acc, accz, l_r + p
+
+
+@triton.jit
+def _lazy_softmax_heads(s, m_i, acc, l_i):
+    """The same step for REP query heads at once (dot variant): s [REP, BLOCK_N], m_i/l_i [REP]."""
+    m_blk = tl.max(s, axis=1)
+    if tl.max((m_blk > m_i + 8.0).to(tl.int32), axis=0) > 0:
+        m_new = tl.maximum(m_i, m_blk)
+        alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+    return p, m_i, acc, l_i + tl.sum(p, axis=1)
+
+
 @triton.jit(do_not_specialize=_DNS)
 def _kvpass_decode_rows(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT,
@@ -470,15 +499,7 @@ def _kvpass_decode_rows(
         s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
         s = tl.where(tok_ok, s, float("-inf"))
         # ---- lazy online softmax (one max per program)
-        m_blk = tl.max(s, axis=0)
-        if m_blk > m + 8.0:
-            alpha = tl.exp2(m - m_blk)
-            acc = acc * alpha
-            accz = accz * alpha
-            l_r = l_r * alpha
-            m = m_blk
-        p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m))
-        l_r += p
+        p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
         # ---- values: per-token scales folded into p
         if NWV_PAD == NWV:
             vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None], other=0)
@@ -503,15 +524,7 @@ def _kvpass_decode_rows(
             s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * qk_scale
             s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
             s = tl.where(tok_ok, s, float("-inf"))
-            m_blk = tl.max(s, axis=0)
-            if m_blk > m + 8.0:
-                alpha = tl.exp2(m - m_blk)
-                acc = acc * alpha
-                accz = accz * alpha
-                l_r = l_r * alpha
-                m = m_blk
-            p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m))
-            l_r += p
+            p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
             v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
             acc += p[:, None, None] * tl.reshape(v.to(tl.float32), (BLOCK_N, NG_PAD, GROUP_SIZE))
 
@@ -624,15 +637,7 @@ def _kvpass_decode_dot(
         s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         # ---- lazy online softmax
-        m_blk = tl.max(s, axis=1)
-        if tl.max((m_blk > m_i + 8.0).to(tl.int32), axis=0) > 0:
-            m_new = tl.maximum(m_i, m_blk)
-            alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-        l_i += tl.sum(p, axis=1)
+        p, m_i, acc, l_i = _lazy_softmax_heads(s, m_i, acc, l_i)
         # ---- values: words [BLOCK_N, NG_PAD, WG], scale/zero of the token's channel group
         v_ok = tok_ok[:, None, None] & (g_idx < NG)[None, :, None]
         vw = tl.load(vp, mask=v_ok, other=0)
@@ -664,15 +669,7 @@ def _kvpass_decode_dot(
             s = _dot(q.to(DT), tl.trans(k), EMULATE_DOT) * qk_scale
             s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
             s = tl.where(tok_ok[None, :], s, float("-inf"))
-            m_blk = tl.max(s, axis=1)
-            if tl.max((m_blk > m_i + 8.0).to(tl.int32), axis=0) > 0:
-                m_new = tl.maximum(m_i, m_blk)
-                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-            l_i += tl.sum(p, axis=1)
+            p, m_i, acc, l_i = _lazy_softmax_heads(s, m_i, acc, l_i)
             v = tl.load(rv_base + r[:, None] * HEAD_DIM + dv[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
             acc += _dot(p.to(DT), v, EMULATE_DOT)
 
