@@ -7,8 +7,8 @@
 --table   the results table: batch {1,8,32} x heads {32/32, 32/8} x head_dim 128 x seq_len
           {4096, 16384, 32768, 131072 where it fits} x bits {2,4} x group {32,128}
           -> attention.csv / attention.md (in --out, default benchmarks/results).
---append  quantize-append cost per decode step (kvpass.store.KVStore.append, plain torch today)
-          vs decode attention at 16k.
+--append  quantize-append cost per decode step (kvpass.store.KVStore.append: the torch reference
+          path and the Triton kernel path) vs decode attention at 16k -> append.json / append.md.
 Timings are medians of triton.testing.do_bench (L2 flushed before each run). sdpa_bf16_ms is the
 faster of torch SDPA with enable_gqa=True and SDPA with the query heads of each KV head packed as
 query rows (the flash-decoding form of GQA), on a bf16 cache of the same shape in the same run.
@@ -309,44 +309,106 @@ def write_md(rows, info, bw, path):
 
 
 def append_cost(args, out_dir):
-    """Per-step cost of KVStore.append (one new token per layer) at 16k, vs decode attention."""
+    """Per-step cost of KVStore.append (one new token per layer) at 16k, vs decode attention, for
+    both store paths: the torch reference (KVPASS_DISABLE_TRITON=1: torch.cat window, codecs) and
+    the kernel path (in-place window write, fused quantize-append flush). Per path, over the same
+    steps (flushes included, amortized): wall time (host, synchronized), CUDA events around the
+    loop (GPU stream time, including any gaps where the GPU waits for the host), and a CUDA graph
+    replay of the same steps (GPU work alone, no host gaps). Writes append.json and append.md."""
     from kvpass.store import KVStore, StoreConfig
 
-    B, H, D, T, G, R = 1, 32, 128, 16384, 32, 128
+    batches, H, D, T, G, R, bits = (1, 8), 32, 128, 16384, 32, 128, 2
+    warm, steps = 64, 256
+    if args.quick:
+        batches = (1,)
     if DRY:
-        H, T = 2, 300
-    st = KVStore(StoreConfig(2, 2, G, R), B, H, D, D, torch.bfloat16, DEV)
-    st.append(torch.randn(B, H, T, D, device=DEV, dtype=torch.bfloat16), torch.randn(B, H, T, D, device=DEV, dtype=torch.bfloat16))
-    steps = 256 if not DRY else 70
-    new = [(torch.randn(B, H, 1, D, device=DEV, dtype=torch.bfloat16), torch.randn(B, H, 1, D, device=DEV, dtype=torch.bfloat16))
-           for _ in range(steps)]
-    for i in range(64):  # warm up (includes flushes)
-        st.append(*new[i])
-    sync = torch.cuda.synchronize if not DRY else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    if not DRY:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    for i in range(64, steps):
-        st.append(*new[i])
-    if not DRY:
-        end.record()
-    sync()
-    wall_us = (time.perf_counter() - t0) / (steps - 64) * 1e6
-    gpu_us = start.elapsed_time(end) / (steps - 64) * 1e3 if not DRY else wall_us
-    # GPU-only time: replay the same ops on a copy with launches already queued (CUDA graph not
-    # possible: the store's Python state changes); report the event time, which includes gaps.
-    q = torch.randn(B, H, 1, D, device=DEV, dtype=torch.bfloat16)
-    attn_ms = do_bench(lambda: da.decode_attention_store(q, st), warmup=25, rep=100, return_mode="median")
-    res = dict(append_wall_us=wall_us, append_events_us=gpu_us, attention_us=attn_ms * 1e3,
-               ratio_wall=wall_us / (attn_ms * 1e3), ratio_events=gpu_us / (attn_ms * 1e3))
-    print(f"\n== quantize-append (torch KVStore.append) at 16k, B1 32 heads, 2-bit G32 R128 ==\n"
-          f"  append: {wall_us:.1f} us/step wall, {gpu_us:.1f} us/step between events; attention {attn_ms * 1e3:.1f} us;"
-          f" append/attention = {res['ratio_wall']:.2f} (wall), {res['ratio_events']:.2f} (events)")
+        batches, H, T, warm, steps = (1,), 2, 300, 40, 72
+        os.environ.setdefault("KVPASS_TRITON_INTERPRET", "1")  # the kernel path through the interpreter
+    dt = torch.bfloat16
+    results = []
+    for B in batches:
+        torch.manual_seed(B)
+        prefill = [torch.randn(B, H, T, D, device=DEV, dtype=dt) for _ in range(2)]
+        new = [(torch.randn(B, H, 1, D, device=DEV, dtype=dt), torch.randn(B, H, 1, D, device=DEV, dtype=dt))
+               for _ in range(warm + 2 * steps)]
+        q = torch.randn(B, H, 1, D, device=DEV, dtype=dt)
+        row = dict(batch=B, heads=H, head_dim=D, seq_len=T, bits=bits, group_size=G, residual=R, steps=steps - warm)
+        for path in ("torch", "kernel"):
+            os.environ["KVPASS_DISABLE_TRITON"] = "1" if path == "torch" else "0"
+            st = KVStore(StoreConfig(bits, bits, G, R), B, H, D, D, dt, DEV)
+            st.append(*prefill)
+            for i in range(warm):  # compiles, fills the window to its steady state (includes flushes)
+                st.append(*new[i])
+            assert (st._win_k is not None) == (path == "kernel"), f"{path} path not taken"
+            sync = torch.cuda.synchronize if not DRY else (lambda: None)
+            sync()
+            t0 = time.perf_counter()
+            if not DRY:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            for i in range(warm, steps):
+                st.append(*new[i])
+            if not DRY:
+                end.record()
+            sync()
+            n = steps - warm
+            row[f"{path}_wall_us"] = (time.perf_counter() - t0) / n * 1e6
+            row[f"{path}_events_us"] = start.elapsed_time(end) / n * 1e3 if not DRY else None
+            row[f"{path}_graph_us"] = None if DRY else _append_graph_us(st, new[steps : steps + n])
+            if path == "kernel":
+                attn_ms = do_bench(lambda: da.decode_attention_store(q, st), warmup=25, rep=100, return_mode="median")
+                row["attention_us"] = attn_ms * 1e3
+            del st
+        os.environ.pop("KVPASS_DISABLE_TRITON", None)
+        for path in ("torch", "kernel"):
+            for kind in ("wall", "events", "graph"):
+                v = row[f"{path}_{kind}_us"]
+                row[f"{path}_{kind}_ratio"] = None if v is None else v / row["attention_us"]
+        results.append(row)
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        print(f"\n== quantize-append per step at {T} tokens, B{B} {H} heads D{D}, {bits}-bit G{G} R{R} "
+              f"(decode attention {row['attention_us']:.1f} us) ==")
+        for path in ("torch", "kernel"):
+            print(f"  {path:>6}: {fmt(row[path + '_wall_us'])} us wall, {fmt(row[path + '_events_us'])} us events, "
+                  f"{fmt(row[path + '_graph_us'])} us GPU (graph replay); GPU/attention = "
+                  f"{fmt(None if row[path + '_graph_ratio'] is None else 100 * row[path + '_graph_ratio'])}%")
+        del prefill, new
     with open(os.path.join(out_dir, "append.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    return res
+        json.dump(dict(env=env_info(args.date), results=results), f, indent=1)
+    lines = ["| batch | path | wall us/step | events us/step | GPU us/step (graph) | attention us | GPU / attention |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for path in ("torch", "kernel"):
+            g = r[f"{path}_graph_ratio"]
+            lines.append(f"| {r['batch']} | {path} | {fmt(r[path + '_wall_us'])} | {fmt(r[path + '_events_us'])} | "
+                         f"{fmt(r[path + '_graph_us'])} | {r['attention_us']:.1f} | {'-' if g is None else f'{100 * g:.1f}%'} |")
+    with open(os.path.join(out_dir, "append.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return results
+
+
+def _append_graph_us(st, new) -> float | None:
+    """GPU time per append step without host gaps: capture len(new) appends (their flushes included)
+    in a CUDA graph and time its replays. Replays repeat the captured writes at the captured
+    addresses, the same GPU work as the live steps. None (reason printed) if capture fails."""
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):  # records the kernels (the store's Python state advances as in live steps)
+            for kv in new:
+                st.append(*kv)
+        g.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 10
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps / len(new) * 1e3
+    except RuntimeError as e:  # capture refused (e.g. a host sync inside the path)
+        print(f"  (CUDA graph capture of append failed: {type(e).__name__}: {str(e)[:200]})")
+        return None
 
 
 def main():

@@ -14,6 +14,15 @@ Flush policy: after every write, while the window holds at least R + G tokens, i
 whole groups are encoded, so it keeps between min(L, R) and R + G - 1 tokens; with R = 0 it
 keeps the last partial group (< G tokens), since a key group needs G tokens to be quantized
 per channel. Keys and values share the boundary Lq.
+
+Two append paths with bit-identical results (`lowering/dispatch.py` picks one per call):
+    reference (CPU, and wherever the kernel does not apply): the window grows by `torch.cat`,
+        flushed groups go through the codecs (lowering/kivi.py) and are copied into the parts;
+    kernel (CUDA, or Triton's interpreter): the window lives in a preallocated buffer of R + G
+        tokens per store (res_k/res_v are views of its prefix); a step writes the new tokens in
+        place, and a flush is one launch of templates/quantize_append.py that encodes the oldest
+        whole groups straight into the part buffers and shifts the rest of the window down. A
+        write that does not fit (a prefill) concatenates window and new tokens first (torch).
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from kvpass.lowering import dispatch
 from kvpass.lowering.codecs import make_codec
 
 log = logging.getLogger("kvpass")
@@ -57,9 +67,8 @@ class _Parts:
         rows = tokens // spec.tokens_per_row
         return torch.empty(self.B, self.H, rows, *spec.tail, dtype=spec.dtype, device=self.device)
 
-    def append(self, x):  # x [B, H, n, D], n whole groups
-        parts = self.codec.encode(x)
-        new_tokens = self.tokens + x.shape[2]
+    def reserve(self, new_tokens):
+        """Grow the buffers (keeping the stored tokens) until they hold `new_tokens` tokens."""
         for name, spec in self.specs.items():
             buf, tpr = self.buffers[name], spec.tokens_per_row
             if buf.shape[2] * tpr < new_tokens:
@@ -67,8 +76,15 @@ class _Parts:
                 step = max(cap // 8 // self.group * self.group, 16 * self.group)
                 grown = self._alloc(spec, max(new_tokens, cap + step))
                 grown[:, :, : self.tokens // tpr] = buf[:, :, : self.tokens // tpr]
-                self.buffers[name] = buf = grown
-            buf[:, :, self.tokens // tpr : new_tokens // tpr] = parts[name]
+                self.buffers[name] = grown
+
+    def append(self, x):  # x [B, H, n, D], n whole groups
+        parts = self.codec.encode(x)
+        new_tokens = self.tokens + x.shape[2]
+        self.reserve(new_tokens)
+        for name, spec in self.specs.items():
+            tpr = spec.tokens_per_row
+            self.buffers[name][:, :, self.tokens // tpr : new_tokens // tpr] = parts[name]
         self.tokens = new_tokens
 
     def view(self, start, stop):  # parts of tokens [start, stop), both multiples of every tokens_per_row
@@ -101,6 +117,7 @@ class KVStore:
         self.values = _Parts(make_codec("value", cfg.value_bits, G, dtype, Dv), B, H, Dv, device)
         self.res_k = torch.empty(B, H, 0, Dk, dtype=dtype, device=device)  # [B, H, L - Lq, Dk]
         self.res_v = torch.empty(B, H, 0, Dv, dtype=dtype, device=device)
+        self._win_k = self._win_v = None  # kernel path: [B, H, R + G, D] buffers, res_k/res_v their prefix
 
     @property
     def quantized_length(self) -> int:
@@ -122,6 +139,13 @@ class KVStore:
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor):
         """Append tokens k_new [B, H, n, Dk], v_new [B, H, n, Dv] and flush the window."""
         self.check_compatible(k_new, v_new)
+        kernels = dispatch.quantize_append_kernel(self)
+        if kernels is None:
+            self._append_reference(k_new, v_new)
+        else:
+            self._append_kernel(kernels, k_new, v_new)
+
+    def _append_reference(self, k_new, v_new):
         self.res_k = torch.cat([self.res_k, k_new.to(self.dtype)], dim=2)
         self.res_v = torch.cat([self.res_v, v_new.to(self.dtype)], dim=2)
         G, R = self.cfg.group_size, self.cfg.residual_length
@@ -132,6 +156,45 @@ class KVStore:
             self.values.append(self.res_v[:, :, :n])
             self.res_k = self.res_k[:, :, n:].clone()
             self.res_v = self.res_v[:, :, n:].clone()
+
+    def _window_in_buffer(self) -> bool:
+        """Whether res_k/res_v are prefix views of the window buffers (the kernel path's layout)."""
+        return self._win_k is not None and all(
+            r.data_ptr() == w.data_ptr() and r.stride() == w.stride()
+            for r, w in ((self.res_k, self._win_k), (self.res_v, self._win_v)))
+
+    def _append_kernel(self, kernels, k_new, v_new):
+        G, R = self.cfg.group_size, self.cfg.residual_length
+        w, n = self.res_k.shape[2], k_new.shape[2]
+        if self._win_k is None:
+            self._win_k = torch.empty(self.B, self.H, R + G, self.Dk, dtype=self.dtype, device=self.device)
+            self._win_v = torch.empty(self.B, self.H, R + G, self.Dv, dtype=self.dtype, device=self.device)
+        cap = self._win_k.shape[2]
+        if w + n <= cap:  # decode: write the new tokens in place after the window
+            if not self._window_in_buffer():  # the reference path, truncate or a caller set res_k/res_v
+                self._win_k[:, :, :w].copy_(self.res_k)
+                self._win_v[:, :, :w].copy_(self.res_v)
+            self._win_k[:, :, w : w + n].copy_(k_new)
+            self._win_v[:, :, w : w + n].copy_(v_new)
+            src_k, src_v = self._win_k[:, :, : w + n], self._win_v[:, :, : w + n]  # [B, H, w + n, D]
+        else:  # a prefill: window + new tokens, whose leftover the kernel copies into the buffer
+            src_k = torch.cat([self.res_k, k_new.to(self.dtype)], dim=2)
+            src_v = torch.cat([self.res_v, v_new.to(self.dtype)], dim=2)
+        total = w + n
+        if total >= R + G:
+            m = (total - R) // G * G  # oldest whole groups; total - m < R + G tokens stay
+            Lq = self.keys.tokens
+            self.keys.reserve(Lq + m)
+            self.values.reserve(Lq + m)
+            kb, vb = self.keys.buffers, self.values.buffers
+            kernels.quantize_append(
+                src_k, src_v, kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"],
+                key_bits=self.cfg.key_bits, value_bits=self.cfg.value_bits, group_size=G, n=m, row=Lq,
+                window_k=self._win_k, window_v=self._win_v, rest=total - m)
+            self.keys.tokens = self.values.tokens = Lq + m
+            total -= m
+        assert total <= cap, "the window outgrew its buffer"
+        self.res_k, self.res_v = self._win_k[:, :, :total], self._win_v[:, :, :total]
 
     def truncate(self, length: int):
         """Keep the first `length` tokens (crop, reset, rewrite from an earlier position).
@@ -170,7 +233,9 @@ class KVStore:
         return self._read(self.values, self.res_v, kv_len)
 
     def nbytes(self) -> int:
-        """Bytes this store holds on its device (allocated capacity, residual included)."""
+        """Bytes this store holds on its device: the parts' allocated capacity and the residual window's
+        tokens (the kernel path's preallocated window buffer, R + G token slots, counts the tokens it
+        holds, so both append paths report the same bytes)."""
         res = self.res_k.numel() * self.res_k.element_size() + self.res_v.numel() * self.res_v.element_size()
         return self.keys.nbytes() + self.values.nbytes() + res
 

@@ -13,6 +13,11 @@ kv_len may differ from the store's length: columns past the store read as zero k
 in the reference (static caches) and the kernel reproduces exactly that; kv_len < length
 attends the first kv_len tokens, like the reference's slice.
 Anything else runs the reference, after a one-time `logging` info line naming the reason.
+
+`quantize_append_kernel(store)` routes `KVStore.append` the same way: the fused quantize-append
+kernel (kvpass/templates/quantize_append.py) when the store is on CUDA (or both interpreter
+variables are set), both codecs are KIVI (bits 2/4/8), Dk == Dv and the kernel supports the spec;
+else the torch reference path (codecs + torch.cat), after a one-time info line naming the reason.
 KVPASS_DISABLE_TRITON=1 forces the reference everywhere.
 """
 from __future__ import annotations
@@ -27,6 +32,9 @@ log = logging.getLogger("kvpass")
 _logged: set[str] = set()
 _triton_error: str | None = None
 _decode = None
+_append = None
+_append_error: str | None = None
+_append_spec_why: dict = {}
 
 
 def _fallback(reason: str):
@@ -111,3 +119,51 @@ def attention(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scal
     from kvpass.lowering.ops import attention_reference
 
     return attention_reference(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _append_kernels():
+    """The quantize-append module, or None (reason in _append_error) when it cannot be imported."""
+    global _append, _append_error
+    if _append is None and _append_error is None:
+        try:
+            from kvpass.templates import quantize_append
+
+            _append = quantize_append
+        except Exception as e:  # ImportError, or a Triton that fails to initialize
+            _append_error = f"triton unavailable ({type(e).__name__}: {e})"
+    return _append
+
+
+def _why_not_append_kernel(store) -> str | None:
+    if os.environ.get("KVPASS_DISABLE_TRITON") == "1":
+        return "KVPASS_DISABLE_TRITON=1"
+    if not (store.device.type == "cuda" or _interpreting()):
+        return f"no kernel for device {store.device.type} (set KVPASS_TRITON_INTERPRET=1 and TRITON_INTERPRET=1 to interpret)"
+    mod = _append_kernels()
+    if mod is None:
+        return _append_error
+    key = (store.cfg, store.Dk, store.Dv, store.dtype)  # fixed per store: checked once per kind of store
+    if key not in _append_spec_why:
+        why = None
+        if store.cfg.key_bits == 16 or store.cfg.value_bits == 16:
+            why = f"full-precision codec (key_bits={store.cfg.key_bits}, value_bits={store.cfg.value_bits})"
+        elif store.Dk != store.Dv:
+            why = f"head dims k {store.Dk}, v {store.Dv} (kernel needs them equal)"
+        else:
+            spec_why = mod.check_spec(mod.store_spec(store))
+            why = f"unsupported spec: {spec_why}" if spec_why else None
+        _append_spec_why[key] = why
+    return _append_spec_why[key]
+
+
+def quantize_append_kernel(store):
+    """The quantize-append kernel module when `store`'s appends run it, else None (the reason is
+    logged once; the store then runs its torch reference path)."""
+    why = _why_not_append_kernel(store)
+    if why is None:
+        return _append
+    reason = f"quantize-append: {why}"
+    if reason not in _logged:
+        _logged.add(reason)
+        log.info("kvpass: quantize-append runs the reference (torch codecs): %s", why)
+    return None

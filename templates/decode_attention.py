@@ -826,8 +826,8 @@ def decode_attention(
     else:  # nothing quantized yet: never-read pointers
         kc = vc = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=q.device)
         k_scale = k_zero = v_scale = v_zero = res_k
-    if not (res_k.is_contiguous() and res_v.is_contiguous()):
-        res_k, res_v = res_k.contiguous(), res_v.contiguous()
+    if not (_rows_contiguous(res_k) and _rows_contiguous(res_v) and res_k.stride()[:2] == res_v.stride()[:2]):
+        res_k, res_v = res_k.contiguous(), res_v.contiguous()  # the store's window views need no copy
     rs = (res_k.stride(0), res_k.stride(1)) if res_k.numel() else (0, 0)
     assert q.stride(3) == 1
     has_rest = L > Lq or kv_len > L
