@@ -40,6 +40,7 @@ barriers.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -337,19 +338,20 @@ def quantize_append(
     block_c = min(max(_next_pow2(cfg.block_c), GV), _next_pow2(D))
     block_k = max(8, min(_next_pow2(cfg.block_k), block_c))
     block_t = min(_next_pow2(cfg.block_t), G)
-    in_place = window_k.untyped_storage().data_ptr() in (src_k.untyped_storage().data_ptr(),
-                                                         src_v.untyped_storage().data_ptr())
-    # in place, one program per channel slice covers every group (see the module docstring)
+    # a window that is the source itself: one program per channel slice covers every group (module docstring)
+    in_place = rest > 0 and window_k.untyped_storage().data_ptr() in (src_k.untyped_storage().data_ptr(),
+                                                                      src_v.untyped_storage().data_ptr())
     gpp = max(1, n_groups) if in_place else max(1, cfg.groups_per_program)
     grid = (max(1, -(-n_groups // gpp)), H, B * -(-D // block_c))
-    _kvpass_quantize_append[grid](
-        src_k, src_v, window_k, window_v, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-        src_k.stride(0), src_k.stride(1), src_k.stride(2), src_v.stride(0), src_v.stride(1), src_v.stride(2),
-        window_k.stride(0), window_k.stride(1), window_v.stride(0), window_v.stride(1),
-        k_codes.stride(0), k_codes.stride(1), k_scale.stride(0), k_scale.stride(1),
-        v_codes.stride(0), v_codes.stride(1), v_scale.stride(0), v_scale.stride(1),
-        n_groups, gpp, row, rest,
-        KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, VALUE_GROUP=GV, HEAD_DIM=D,
-        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_T=block_t, USE_RINT=_use_rint(src_k.device),
-        num_warps=cfg.num_warps, num_stages=1,
-    )
+    with torch.cuda.device(src_k.device) if src_k.is_cuda else contextlib.nullcontext():  # launch on src's GPU
+        _kvpass_quantize_append[grid](
+            src_k, src_v, window_k, window_v, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+            src_k.stride(0), src_k.stride(1), src_k.stride(2), src_v.stride(0), src_v.stride(1), src_v.stride(2),
+            window_k.stride(0), window_k.stride(1), window_v.stride(0), window_v.stride(1),
+            k_codes.stride(0), k_codes.stride(1), k_scale.stride(0), k_scale.stride(1),
+            v_codes.stride(0), v_codes.stride(1), v_scale.stride(0), v_scale.stride(1),
+            n_groups, gpp, row, rest,
+            KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, VALUE_GROUP=GV, HEAD_DIM=D,
+            BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_T=block_t, USE_RINT=_use_rint(src_k.device),
+            num_warps=cfg.num_warps, num_stages=1,
+        )
