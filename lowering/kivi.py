@@ -55,7 +55,9 @@ def _quantize_groups(x: torch.Tensor, bits: int, dim: int, scale_dtype: torch.dt
     """Min/max quantize x (fp32) with one group spanning `dim`; returns (codes int32, scale, zero)."""
     mn = x.amin(dim=dim, keepdim=True)
     mx = x.amax(dim=dim, keepdim=True)
-    scale = ((mx - mn) / levels(bits)).to(scale_dtype)
+    # A tensor divisor: CUDA torch divides by a Python scalar as a multiply by its reciprocal
+    # (off by an ulp), while the kernels and the CPU path divide exactly (IEEE, round to nearest).
+    scale = ((mx - mn) / torch.full_like(mx, levels(bits))).to(scale_dtype)
     zero = mn.to(scale_dtype)
     scale32, zero32 = scale.float(), zero.float()
     safe = torch.where(scale32 == 0, torch.ones_like(scale32), scale32)
