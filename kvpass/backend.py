@@ -35,9 +35,9 @@ class KVPassBackend:
                         len(report.skipped))
         for where, reason in report.skipped:
             log.info("kvpass: skipped %s: %s", where, reason)
-        return self._compile(new_gm, example_inputs, kwargs.get("mode"))
+        return self._compile(new_gm, example_inputs, kwargs.get("mode"), bool(report.sites))
 
-    def _compile(self, gm, example_inputs, mode):
+    def _compile(self, gm, example_inputs, mode, has_kvpass_ops):
         inner = self.config.inner
         if inner == "eager":
             return gm.forward
@@ -47,11 +47,22 @@ class KVPassBackend:
             return aot_eager(gm, example_inputs)
         from torch._inductor.compile_fx import compile_fx
 
-        patches = {"triton.cudagraphs": True} if mode == "reduce-overhead" else {}
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return compile_fx(gm, example_inputs, config_patches=cudagraph_patch(mode, has_kvpass_ops))
 
     def report(self):
         return build_report(list(self._reports.values()), self.config)
+
+
+def cudagraph_patch(mode, has_kvpass_ops: bool) -> dict:
+    """Inductor config for one graph. A graph holding kvpass ops never runs under CUDA graphs:
+    the store's lengths and flush decisions are host-side Python, which a graph replay would
+    skip (silently wrong results), so even a global `triton.cudagraphs=True` is overridden."""
+    if not has_kvpass_ops:
+        return {"triton.cudagraphs": True} if mode == "reduce-overhead" else {}
+    if mode == "reduce-overhead":
+        log.warning("kvpass: mode='reduce-overhead' (CUDA graphs) is not supported for graphs with a "
+                    "quantized KV cache yet; this graph runs without CUDA graphs (see NOTES.md)")
+    return {"triton.cudagraphs": False}
 
 
 def backend(bits=2, group_size=32, residual_length=128, key_bits=None, value_bits=None, inner="inductor") -> KVPassBackend:

@@ -90,6 +90,19 @@ def test_backend_accepts_hf_mode_kwarg():
     assert fn(torch.randn(2, 4)).shape == (2, 4)
 
 
+def test_graphs_with_kvpass_ops_never_run_under_cuda_graphs(caplog):
+    """A CUDA-graph replay would skip the store's host-side bookkeeping: kvpass turns cudagraphs
+    off for its graphs (even when asked for reduce-overhead) and says so."""
+    from kvpass.backend import cudagraph_patch
+
+    with caplog.at_level("WARNING", logger="kvpass"):
+        assert cudagraph_patch("reduce-overhead", has_kvpass_ops=True) == {"triton.cudagraphs": False}
+    assert "reduce-overhead" in caplog.text
+    assert cudagraph_patch(None, has_kvpass_ops=True) == {"triton.cudagraphs": False}
+    assert cudagraph_patch("reduce-overhead", has_kvpass_ops=False) == {"triton.cudagraphs": True}
+    assert cudagraph_patch(None, has_kvpass_ops=False) == {}
+
+
 def test_beam_search_raises_a_clear_error():
     model = _model()
     model.compile(backend=kvpass.backend(bits=2, group_size=8, residual_length=8, inner="eager"))
