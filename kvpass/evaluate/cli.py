@@ -151,7 +151,7 @@ def main_eval(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not (args.perplexity or args.passkey):
         raise SystemExit("nothing to do: --no-perplexity and --no-passkey")
-    paths = _text_paths(args.text)
+    paths = _text_paths(args.text) if args.perplexity else []  # passkey makes its own text
     labels = [p.stem for p in paths]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"--text: file names must differ (they label the columns): {labels}")
