@@ -15,7 +15,7 @@ choice, k-means levels) always uses a DIFFERENT text than the one evaluated.
 Sections: v validation | a keys vs values | b per layer | c per head | d channel outliers |
 e attention sink | f pre-RoPE keys | g non-uniform levels | h combinations | i second text.
 
-Run (from the repo root, ~10-20 min on 2 CPU cores for everything):
+Run (from the repo root; 35-100 s per forward on a shared 2-core CPU, ~50 forwards for everything):
     PYTHONPATH=. python benchmarks/quality_analysis.py                # all sections
     PYTHONPATH=. python benchmarks/quality_analysis.py --only v,a,e   # some sections
 Writes benchmarks/results/quality_analysis.{csv,md}; a partial run replaces only its own sections
@@ -468,8 +468,8 @@ def section_a(r: Runner):
         r.run("a", Cfg(f"k{kb}v{vb}".replace("16", "fp"), kbits=kb, vbits=vb))
 
 
-def section_b(r: Runner, block=5):
-    """Blocks of `block` layers (one layer at a time is too slow on this machine: ~35 s per forward)."""
+def section_b(r: Runner, block=10):
+    """Blocks of `block` layers (one layer at a time is too slow on this machine: 35-90 s per forward)."""
     n = r.dims[0]
     for a in range(0, n, block):
         ls = tuple(range(a, min(a + block, n)))
@@ -481,8 +481,6 @@ def section_c(r: Runner):
     H = r.dims[1]
     for h in range(H):
         r.run("c", Cfg(f"k2-head{h}", kbits=2, k_heads=(h,)))
-    for h in range(H):
-        r.run("c", Cfg(f"v2-head{h}", vbits=2, v_heads=(h,)))
 
 
 @torch.no_grad()
@@ -603,7 +601,7 @@ FIELDS = ["section", "text", "config", "what", "bits_per_value", "ppl", "delta_p
 TITLES = {
     "v": "Validation against the real decode path",
     "a": "a. Keys vs values",
-    "b": "b. One layer at a time (2-bit K+V only in layer l; then keys only)",
+    "b": "b. Blocks of layers (2-bit K+V only in layers a..b; then keys only)",
     "c": "c. One KV head at a time (all layers), then per (layer, head) in the worst key layers",
     "d": "d. Key channels: outlier statistics and dense-and-sparse",
     "e": "e. Attention sink: first tokens in full precision",
@@ -737,8 +735,7 @@ def main():
             chunk("b", layer_table(r.rows))
         elif s == "c":
             section_c(r)
-            chunk("c", rows_md([row for row in r.rows if row["section"] == "c"]) +
-                  "\n\nPer (layer, head) not run: ~35 s per forward on this machine.\n")
+            chunk("c", rows_md([row for row in r.rows if row["section"] == "c"]))
         elif s == "d":
             st = channel_stats(model, ids)
             set_text(model, ids)
