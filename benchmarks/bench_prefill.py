@@ -5,8 +5,12 @@
 For a store holding `past` tokens (2-bit, G=32, R=128, bf16 model) and a chunk of Tq new query
 tokens attending causally to past + chunk, times (medians of triton.testing.do_bench):
   kvpass_ms        kvpass's path for Tq > 1: `dispatch.attention` (the decode kernel takes one
-                   query token, so this is the reference: dequantize the store, then SDPA)
+                   query token, so this is the reference: read the store, then SDPA)
   dequant_sdpa_ms  the same spelled out by hand: store.read_keys/read_values, then SDPA
+  read_ms          the store read alone: read_keys + read_values as dispatched (on CUDA the fused
+                   dequantize kernel, templates/dequantize.py)
+  read_torch_ms    the same read through the torch reference path (KVPASS_DISABLE_TRITON=1)
+  read_exact       whether both reads are equal (torch.equal), as tests/test_dequantize.py requires
   sdpa_bf16_ms     SDPA over a bf16 cache of the same shape (what an uncompressed model runs)
 and the max |difference| of kvpass vs an fp32 SDPA over the dequantized store. Writes
 prefill.csv / prefill.md into --out (default benchmarks/results).
@@ -61,11 +65,28 @@ def one_case(hkv: int, past: int, Tq: int) -> dict:
     def bf16():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=rep > 1)
 
+    def read():
+        return st.read_keys(kv_len), st.read_values(kv_len)
+
+    def via_torch(fn):
+        """fn() with store reads routed to the torch reference path."""
+        old = os.environ.get("KVPASS_DISABLE_TRITON")
+        os.environ["KVPASS_DISABLE_TRITON"] = "1"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["KVPASS_DISABLE_TRITON"]
+            else:
+                os.environ["KVPASS_DISABLE_TRITON"] = old
+
     gold = F.scaled_dot_product_attention(q.float(), st.read_keys(kv_len).float(), st.read_values(kv_len).float(),
                                           attn_mask=mask, enable_gqa=rep > 1)
     err = (kvpass_path().float() - gold).abs().max().item()
+    exact = all(torch.equal(a, b) for a, b in zip(read(), via_torch(read)))
     return dict(kv_heads=hkv, past=past, q_tokens=Tq, kvpass_ms=do_bench(kvpass_path), dequant_sdpa_ms=do_bench(by_hand),
-                sdpa_bf16_ms=do_bench(bf16), max_abs_err=err)
+                sdpa_bf16_ms=do_bench(bf16), read_ms=do_bench(read), read_torch_ms=via_torch(lambda: do_bench(read)),
+                read_exact=exact, max_abs_err=err)
 
 
 def main():
@@ -88,11 +109,13 @@ def main():
     lines = [f"# Multi-token queries over a 2-bit store (G=32, R=128): {gpu}, {date}, torch {torch.__version__}\n",
              "B=1, 32 query heads, head_dim 128, bf16, causal mask over past + chunk. "
              "`benchmarks/bench_prefill.py`; medians of triton.testing.do_bench.\n",
-             "| kv heads | past | query tokens | kvpass ms | dequant+SDPA ms | bf16 SDPA ms | kvpass / bf16 | max abs err |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| kv heads | past | query tokens | kvpass ms | dequant+SDPA ms | bf16 SDPA ms | kvpass / bf16 | "
+             "read K+V ms | torch read K+V ms | max abs err |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['kv_heads']} | {r['past']} | {r['q_tokens']} | {r['kvpass_ms']:.3f} | {r['dequant_sdpa_ms']:.3f} | "
-                     f"{r['sdpa_bf16_ms']:.3f} | {r['kvpass_ms'] / r['sdpa_bf16_ms']:.2f}x | {r['max_abs_err']:.1e} |")
+                     f"{r['sdpa_bf16_ms']:.3f} | {r['kvpass_ms'] / r['sdpa_bf16_ms']:.2f}x | {r['read_ms']:.3f} | "
+                     f"{r['read_torch_ms']:.3f} | {r['max_abs_err']:.1e} |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "prefill.md"), "w") as f:
         f.write(md)

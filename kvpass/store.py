@@ -23,6 +23,9 @@ Two append paths with bit-identical results (`lowering/dispatch.py` picks one pe
         place, and a flush is one launch of templates/quantize_append.py that encodes the oldest
         whole groups straight into the part buffers and shifts the rest of the window down. A
         write that does not fit (a prefill) concatenates window and new tokens first (torch).
+Reads (`read_keys` / `read_values`: multi-token queries, eager-attention models) are routed the same
+way: the codecs' fp32 dequantize, a cast and `torch.cat` with the window and zeros (reference), or
+one launch of templates/dequantize.py that writes the whole [B, H, kv_len, D] result (bit-identical).
 """
 from __future__ import annotations
 
@@ -215,8 +218,14 @@ class KVStore:
         self.keys.truncate(start)
         self.values.truncate(start)
 
-    def _read(self, parts: _Parts, res: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def _read(self, kind: str, kv_len: int) -> torch.Tensor:
+        parts, res = (self.keys, self.res_k) if kind == "key" else (self.values, self.res_v)
         Lq = parts.tokens
+        kernel = dispatch.dequantize_kernel(self, kind)
+        if kernel is not None:  # one launch: parts, window and zero tail, bit-identical to the torch path below
+            b = parts.buffers
+            return kernel.dequantize(b["codes"], b["scale"], b["zero"], res, kind=kind, bits=parts.codec.bits,
+                                     group_size=parts.codec.group_size, n_quant=Lq, kv_len=kv_len)
         pieces = [parts.decode(0, Lq).to(self.dtype), res] if Lq else [res]
         out = torch.cat(pieces, dim=2)
         if kv_len > out.shape[2]:  # static buffers: unwritten slots read as zeros, as in HF's buffer
@@ -226,11 +235,11 @@ class KVStore:
 
     def read_keys(self, kv_len: int) -> torch.Tensor:
         """Dequantized keys [B, H, kv_len, Dk] in the model dtype (fp32 math, then cast)."""
-        return self._read(self.keys, self.res_k, kv_len)
+        return self._read("key", kv_len)
 
     def read_values(self, kv_len: int) -> torch.Tensor:
         """Dequantized values [B, H, kv_len, Dv] in the model dtype."""
-        return self._read(self.values, self.res_v, kv_len)
+        return self._read("value", kv_len)
 
     def nbytes(self) -> int:
         """Bytes this store holds on its device: the parts' allocated capacity and the residual window's

@@ -18,6 +18,11 @@ Anything else runs the reference, after a one-time `logging` info line naming th
 kernel (kvpass/templates/quantize_append.py) when the store is on CUDA (or both interpreter
 variables are set), both codecs are KIVI (bits 2/4/8), Dk == Dv and the kernel supports the spec;
 else the torch reference path (codecs + torch.cat), after a one-time info line naming the reason.
+`dequantize_kernel(store, kind)` routes `KVStore.read_keys` / `read_values` (kind "key" / "value")
+the same way: the fused dequantize kernel (kvpass/templates/dequantize.py, one launch writes the
+whole [B, H, kv_len, D] read) when the store is on CUDA (or both interpreter variables are set),
+that kind's codec is KIVI (bits 2/4/8) and the kernel supports its spec; else the torch reference
+(codecs + cast + torch.cat), after a one-time info line naming the reason.
 KVPASS_DISABLE_TRITON=1 forces the reference everywhere.
 """
 from __future__ import annotations
@@ -35,6 +40,9 @@ _decode = None
 _append = None
 _append_error: str | None = None
 _append_spec_why: dict = {}
+_dequant = None
+_dequant_error: str | None = None
+_dequant_spec_why: dict = {}
 
 
 def _fallback(reason: str):
@@ -166,4 +174,50 @@ def quantize_append_kernel(store):
     if reason not in _logged:
         _logged.add(reason)
         log.info("kvpass: quantize-append runs the reference (torch codecs): %s", why)
+    return None
+
+
+def _dequant_kernels():
+    """The dequantize module, or None (reason in _dequant_error) when it cannot be imported."""
+    global _dequant, _dequant_error
+    if _dequant is None and _dequant_error is None:
+        try:
+            from kvpass.templates import dequantize
+
+            _dequant = dequantize
+        except Exception as e:  # ImportError, or a Triton that fails to initialize
+            _dequant_error = f"triton unavailable ({type(e).__name__}: {e})"
+    return _dequant
+
+
+def _why_not_dequant_kernel(store, kind: str) -> str | None:
+    if os.environ.get("KVPASS_DISABLE_TRITON") == "1":
+        return "KVPASS_DISABLE_TRITON=1"
+    if not (store.device.type == "cuda" or _interpreting()):
+        return f"no kernel for device {store.device.type} (set KVPASS_TRITON_INTERPRET=1 and TRITON_INTERPRET=1 to interpret)"
+    mod = _dequant_kernels()
+    if mod is None:
+        return _dequant_error
+    key = (kind, store.cfg, store.Dk, store.Dv, store.dtype)  # fixed per store: checked once per kind of store
+    if key not in _dequant_spec_why:
+        bits = store.cfg.key_bits if kind == "key" else store.cfg.value_bits
+        if bits == 16:
+            why = f"full-precision codec ({kind}_bits=16)"
+        else:
+            spec_why = mod.check_spec(mod.store_spec(store, kind))
+            why = f"unsupported spec: {spec_why}" if spec_why else None
+        _dequant_spec_why[key] = why
+    return _dequant_spec_why[key]
+
+
+def dequantize_kernel(store, kind: str):
+    """The dequantize kernel module when `store`'s reads of `kind` ("key" / "value") run it, else
+    None (the reason is logged once; the store then reads through its torch reference path)."""
+    why = _why_not_dequant_kernel(store, kind)
+    if why is None:
+        return _dequant
+    reason = f"dequantize {kind}s: {why}"
+    if reason not in _logged:
+        _logged.add(reason)
+        log.info("kvpass: %s reads run the reference (torch codecs + cat): %s", kind, why)
     return None
