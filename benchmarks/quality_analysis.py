@@ -468,7 +468,7 @@ def section_a(r: Runner):
         r.run("a", Cfg(f"k{kb}v{vb}".replace("16", "fp"), kbits=kb, vbits=vb))
 
 
-def section_b(r: Runner, block=10):
+def section_b(r: Runner, block=5):
     """Blocks of `block` layers (one layer at a time is too slow on this machine: 35-90 s per forward)."""
     n = r.dims[0]
     for a in range(0, n, block):
