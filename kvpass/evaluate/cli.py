@@ -121,11 +121,15 @@ def to_markdown(rows, args, labels) -> str:
     fp_row = next((r for r in rows if r["config"] in ("bf16", "fp") and r["ppl"]), None)
     fp = float(fp_row["ppl"]) if fp_row else None
     texts = ", ".join(labels)
+    what = (f"Perplexity over {args.tokens} tokens per text after a {args.prefix}-token prefill, "
+            f"teacher-forced through the decode path ({args.chunk} token/step), pooled over "
+            f"{len(labels)} text(s) ({texts}; from character {args.start_char}): "
+            f"{len(labels) * args.tokens} scored tokens. " if args.perplexity else "")
+    if args.passkey:
+        what += (f"Passkey: hits out of {3 * args.passkey_trials} prompts per length (key at depths "
+                 f"0.1/0.5/0.9 of the filler, {args.passkey_trials} trial(s) each, greedy answer). ")
     lines = [f"# KV-cache quality\n",
-             f"Model {model_label}, math {args.dtype}. Perplexity over {args.tokens} tokens per "
-             f"text after a {args.prefix}-token prefill, teacher-forced through the decode path "
-             f"({args.chunk} token/step), pooled over {len(labels)} text(s) ({texts}; from "
-             f"character {args.start_char}): {len(labels) * args.tokens} scored tokens. "
+             f"Model {model_label}, math {args.dtype}. {what}"
              f"'bf16' is the uncompressed cache ({args.dtype} math here).\n",
              "| config | description | ppl | vs uncompressed | passkey | time (s) | note |",
              "|---|---|---|---|---|---|---|"]
