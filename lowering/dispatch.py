@@ -27,6 +27,7 @@ KVPASS_DISABLE_TRITON=1 forces the reference everywhere.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -35,33 +36,47 @@ import torch
 log = logging.getLogger("kvpass")
 
 _logged: set[str] = set()
-_triton_error: str | None = None
-_decode = None
-_append = None
-_append_error: str | None = None
+_templates: dict[str, object] = {}       # template module name -> module
+_template_errors: dict[str, str] = {}    # template module name -> why it cannot be imported
 _append_spec_why: dict = {}
-_dequant = None
-_dequant_error: str | None = None
 _dequant_spec_why: dict = {}
 
 
 def _fallback(reason: str):
+    _log_once(reason, "kvpass: attention runs the reference (dequantize + SDPA): %s", reason)
+
+
+def _template(name: str):
+    """kvpass.templates.<name>, or None (the reason kept in _template_errors) when Triton cannot
+    be imported or initialized; tried once per process."""
+    if name not in _templates and name not in _template_errors:
+        try:
+            _templates[name] = importlib.import_module(f"kvpass.templates.{name}")
+        except Exception as e:  # ImportError, or a Triton that fails to initialize
+            _template_errors[name] = f"triton unavailable ({type(e).__name__}: {e})"
+    return _templates.get(name)
+
+
+def decode_kernels():
+    """The decode-attention template module, or None."""
+    return _template("decode_attention")
+
+
+def _why_no_triton(device: torch.device, template: str) -> str | None:
+    """The reason no kernel of `template` can run on `device`, or None."""
+    if os.environ.get("KVPASS_DISABLE_TRITON") == "1":
+        return "KVPASS_DISABLE_TRITON=1"
+    if not (device.type == "cuda" or _interpreting()):
+        return f"no kernel for device {device.type} (set KVPASS_TRITON_INTERPRET=1 and TRITON_INTERPRET=1 to interpret)"
+    if _template(template) is None:
+        return _template_errors[template]
+    return None
+
+
+def _log_once(reason: str, message: str, *args):
     if reason not in _logged:
         _logged.add(reason)
-        log.info("kvpass: attention runs the reference (dequantize + SDPA): %s", reason)
-
-
-def _kernels():
-    """The decode-kernel module, or None (reason logged) when Triton cannot be imported."""
-    global _decode, _triton_error
-    if _decode is None and _triton_error is None:
-        try:
-            from kvpass.templates import decode_attention
-
-            _decode = decode_attention
-        except Exception as e:  # ImportError, or a Triton that fails to initialize
-            _triton_error = f"triton unavailable ({type(e).__name__}: {e})"
-    return _decode
+        log.info(message, *args)
 
 
 def _interpreting() -> bool:
@@ -86,13 +101,10 @@ def _mask_ok(attn_mask, q, kv_len) -> str | None:
 
 
 def _why_not_kernel(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, enable_gqa) -> str | None:
-    if os.environ.get("KVPASS_DISABLE_TRITON") == "1":
-        return "KVPASS_DISABLE_TRITON=1"
-    if not (q.is_cuda or _interpreting()):
-        return f"no kernel for device {q.device.type} (set KVPASS_TRITON_INTERPRET=1 and TRITON_INTERPRET=1 to interpret)"
-    mod = _kernels()
-    if mod is None:
-        return _triton_error
+    why = _why_no_triton(q.device, "decode_attention")
+    if why:
+        return why
+    mod = decode_kernels()
     if q.dim() != 4 or q.shape[2] != 1:
         return f"query length {q.shape[2] if q.dim() == 4 else q.shape} (the kernel is for decode, one token)"
     if dropout_p > 0.0:
@@ -122,34 +134,18 @@ def _why_not_kernel(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal
 def attention(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa):
     why = _why_not_kernel(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, enable_gqa)
     if why is None:
-        return _decode.decode_attention_store(q, store, attn_mask, kv_len, scale)
+        return decode_kernels().decode_attention_store(q, store, attn_mask, kv_len, scale)
     _fallback(why)
     from kvpass.lowering.ops import attention_reference
 
     return attention_reference(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa)
 
 
-def _append_kernels():
-    """The quantize-append module, or None (reason in _append_error) when it cannot be imported."""
-    global _append, _append_error
-    if _append is None and _append_error is None:
-        try:
-            from kvpass.templates import quantize_append
-
-            _append = quantize_append
-        except Exception as e:  # ImportError, or a Triton that fails to initialize
-            _append_error = f"triton unavailable ({type(e).__name__}: {e})"
-    return _append
-
-
 def _why_not_append_kernel(store) -> str | None:
-    if os.environ.get("KVPASS_DISABLE_TRITON") == "1":
-        return "KVPASS_DISABLE_TRITON=1"
-    if not (store.device.type == "cuda" or _interpreting()):
-        return f"no kernel for device {store.device.type} (set KVPASS_TRITON_INTERPRET=1 and TRITON_INTERPRET=1 to interpret)"
-    mod = _append_kernels()
-    if mod is None:
-        return _append_error
+    why = _why_no_triton(store.device, "quantize_append")
+    if why:
+        return why
+    mod = _template("quantize_append")
     key = (store.cfg, store.Dk, store.Dv, store.dtype)  # fixed per store: checked once per kind of store
     if key not in _append_spec_why:
         why = None
@@ -169,35 +165,16 @@ def quantize_append_kernel(store):
     logged once; the store then runs its torch reference path)."""
     why = _why_not_append_kernel(store)
     if why is None:
-        return _append
-    reason = f"quantize-append: {why}"
-    if reason not in _logged:
-        _logged.add(reason)
-        log.info("kvpass: quantize-append runs the reference (torch codecs): %s", why)
+        return _template("quantize_append")
+    _log_once(f"quantize-append: {why}", "kvpass: quantize-append runs the reference (torch codecs): %s", why)
     return None
 
 
-def _dequant_kernels():
-    """The dequantize module, or None (reason in _dequant_error) when it cannot be imported."""
-    global _dequant, _dequant_error
-    if _dequant is None and _dequant_error is None:
-        try:
-            from kvpass.templates import dequantize
-
-            _dequant = dequantize
-        except Exception as e:  # ImportError, or a Triton that fails to initialize
-            _dequant_error = f"triton unavailable ({type(e).__name__}: {e})"
-    return _dequant
-
-
 def _why_not_dequant_kernel(store, kind: str) -> str | None:
-    if os.environ.get("KVPASS_DISABLE_TRITON") == "1":
-        return "KVPASS_DISABLE_TRITON=1"
-    if not (store.device.type == "cuda" or _interpreting()):
-        return f"no kernel for device {store.device.type} (set KVPASS_TRITON_INTERPRET=1 and TRITON_INTERPRET=1 to interpret)"
-    mod = _dequant_kernels()
-    if mod is None:
-        return _dequant_error
+    why = _why_no_triton(store.device, "dequantize")
+    if why:
+        return why
+    mod = _template("dequantize")
     key = (kind, store.cfg, store.Dk, store.Dv, store.dtype)  # fixed per store: checked once per kind of store
     if key not in _dequant_spec_why:
         bits = store.cfg.key_bits if kind == "key" else store.cfg.value_bits
@@ -215,9 +192,6 @@ def dequantize_kernel(store, kind: str):
     None (the reason is logged once; the store then reads through its torch reference path)."""
     why = _why_not_dequant_kernel(store, kind)
     if why is None:
-        return _dequant
-    reason = f"dequantize {kind}s: {why}"
-    if reason not in _logged:
-        _logged.add(reason)
-        log.info("kvpass: %s reads run the reference (torch codecs + cat): %s", kind, why)
+        return _template("dequantize")
+    _log_once(f"dequantize {kind}s: {why}", "kvpass: %s reads run the reference (torch codecs + cat): %s", kind, why)
     return None

@@ -47,15 +47,16 @@ def kernel_calls(monkeypatch):
     """Counts decode-kernel launches through the dispatcher."""
     from kvpass.lowering import dispatch
 
-    assert dispatch._kernels() is not None, dispatch._triton_error
+    mod = dispatch.decode_kernels()
+    assert mod is not None, dispatch._template_errors
     calls = []
-    real = dispatch._decode.decode_attention_store
+    real = mod.decode_attention_store
 
     def counting(*args, **kw):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(dispatch._decode, "decode_attention_store", counting)
+    monkeypatch.setattr(mod, "decode_attention_store", counting)
     return calls
 
 
