@@ -9,39 +9,18 @@ The reference is `KVStore.read_keys` / `read_values` with KVPASS_DISABLE_TRITON=
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_setup import BF16, FP16, FP32, DEVICE, ON_GPU, kernel_path  # noqa: F401 (fixture)
+from kernel_setup import rand as _rand
 
 triton = pytest.importorskip("triton", reason="triton is not importable: the kernels cannot run")
 
 from kvpass.lowering import dispatch, kivi  # noqa: E402
 from kvpass.store import KVStore, StoreConfig  # noqa: E402
 from kvpass.templates import dequantize as dq  # noqa: E402
-
-DEVICE = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-ON_GPU = DEVICE.type == "cuda"
-BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-
-
-@pytest.fixture
-def kernel_env(monkeypatch):
-    """Let dispatch route stores to the kernel (on CPU: through the interpreter)."""
-    monkeypatch.delenv("KVPASS_DISABLE_TRITON", raising=False)
-    if not ON_GPU:
-        monkeypatch.setenv("KVPASS_TRITON_INTERPRET", "1")
-
-
-def _rand(shape, dtype, seed, scale=1.0, shift=0.3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g) * scale + shift
-    x[..., 1] *= 6.0  # an outlier channel, as real keys have
-    x = torch.where(x == 0, torch.full_like(x, 0.125), x)  # never zeros
-    return x.to(dtype).to(DEVICE)
 
 
 def _store(kb, vb, G, R, D, dtype, n, B=1, H=2, seed=0, monkeypatch=None, kernel_append=False):
@@ -88,7 +67,7 @@ CASES = [  # (key_bits, value_bits, G, D, dtype)
 
 
 @pytest.mark.parametrize("kb,vb,G,D,dtype", CASES)
-def test_store_reads_equal_reference(kb, vb, G, D, dtype, kernel_env, monkeypatch):
+def test_store_reads_equal_reference(kb, vb, G, D, dtype, kernel_path, monkeypatch):
     """Quantized part + window; kv_len = L, past L (zeros), inside the window, inside the parts."""
     R = 8
     n = 2 * G + R + 5
@@ -99,7 +78,7 @@ def test_store_reads_equal_reference(kb, vb, G, D, dtype, kernel_env, monkeypatc
     _check_store(st, [n, n + 7, n - 3, Lq - 5], monkeypatch)
 
 
-def test_edge_lengths(kernel_env, monkeypatch):
+def test_edge_lengths(kernel_path, monkeypatch):
     """Nothing quantized yet (Lq = 0), an empty window (R = 0 on whole groups), kv_len 0 and 1,
     a store on two batches, and a window that is a strided view of the kernel path's buffer."""
     st = _store(2, 4, 32, 16, 64, BF16, 20, B=2, seed=1, monkeypatch=monkeypatch)  # Lq = 0
@@ -113,7 +92,7 @@ def test_edge_lengths(kernel_env, monkeypatch):
     _check_store(st, [45, 50, 40, 10], monkeypatch)
 
 
-def test_mixed_full_precision_and_fallback_logs(caplog, kernel_env, monkeypatch):
+def test_mixed_full_precision_and_fallback_logs(caplog, kernel_path, monkeypatch):
     """bits 16 (full precision) keys read through the torch path, 2-bit values through the kernel;
     KVPASS_DISABLE_TRITON=1 falls back; each reason is logged once."""
     dispatch._logged.clear()
@@ -199,7 +178,7 @@ def test_specs_names_and_errors():
 @pytest.mark.skipif(not ON_GPU, reason="larger shapes: GPU only")
 @pytest.mark.parametrize("kb,vb,G,D,dtype", [(2, 2, 32, 128, BF16), (4, 4, 128, 128, FP16), (2, 8, 64, 256, BF16),
                                              (8, 8, 16, 80, FP16), (2, 4, 32, 96, FP32), (4, 2, 128, 64, BF16)])
-def test_gpu_large(kb, vb, G, D, dtype, kernel_env, monkeypatch):
+def test_gpu_large(kb, vb, G, D, dtype, kernel_path, monkeypatch):
     n = 4096 + 100
     st = _store(kb, vb, G, 128, D, dtype, n, B=2, H=8, seed=D + G, monkeypatch=monkeypatch)
     _check_store(st, [n, n + 300, n - 50, 1000, 0], monkeypatch)

@@ -9,13 +9,12 @@ kernel, plus a few larger ones. Data is random and never zero; parts, scales and
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of the kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_setup import BF16, FP16, FP32, DEVICE, ON_GPU, kernel_path  # noqa: F401 (fixture)
+from kernel_setup import rand as _rand
 
 triton = pytest.importorskip("triton", reason="triton is not importable: the kernels cannot run")
 
@@ -24,26 +23,6 @@ from kvpass.lowering.codecs import scale_dtype_for  # noqa: E402
 from kvpass.store import KVStore, StoreConfig  # noqa: E402
 from kvpass.templates import decode_attention as da  # noqa: E402
 from kvpass.templates import quantize_append as qa  # noqa: E402
-
-DEVICE = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-ON_GPU = DEVICE.type == "cuda"
-BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-
-
-@pytest.fixture
-def kernel_path(monkeypatch):
-    """Route stores to the kernel (on CPU: through the interpreter)."""
-    monkeypatch.delenv("KVPASS_DISABLE_TRITON", raising=False)
-    if not ON_GPU:
-        monkeypatch.setenv("KVPASS_TRITON_INTERPRET", "1")
-
-
-def _rand(shape, dtype, seed, scale=1.0, shift=0.3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g) * scale + shift
-    x[..., 1] *= 6.0  # an outlier channel, as real keys have
-    x = torch.where(x == 0, torch.full_like(x, 0.125), x)  # never zeros
-    return x.to(dtype).to(DEVICE)
 
 
 def _buffers(B, H, cap, D, kb, vb, G, dtype):
