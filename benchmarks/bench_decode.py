@@ -122,6 +122,31 @@ def run_kvpass(model, cfg, P, B, steps, warmup, compiled_fwd, profile=False):
     return res
 
 
+def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd):
+    """kvpass on a StaticCache: the store keeps its lengths on the device, so under
+    mode="reduce-overhead" kvpass's CudaGraphRunner replays whole decode steps. The eager prefill
+    fills the StaticCache's bf16 buffers, which stay allocated (they count in peak memory); the
+    first compiled step ingests them into the quantized store."""
+    from transformers import StaticCache
+
+    from kvpass import cudagraph
+
+    ids = torch.randint(0, cfg.vocab_size, (B, P), device=DEV)
+    cache = StaticCache(config=cfg, max_cache_len=P + warmup + steps + 8)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    cache_position=torch.arange(P, device=DEV))
+        first = out.logits[:, -1:].argmax(-1)
+        del out
+        peak_reset()
+        before = cudagraph.total_replays()
+        secs, _ = decode_loop(compiled_fwd, first, cache, steps, warmup, P, static=True)
+        replays = cudagraph.total_replays() - before
+    res = dict(tokens_per_s=B * steps / secs, ms_per_step=secs / steps * 1e3, peak_gb=peak_gb(), graph_replays=replays)
+    del cache
+    return res
+
+
 def profile_steps(step, tok, cache, n):
     """GPU time per category over n decode steps, and the host-side step time."""
     from torch.profiler import ProfilerActivity, profile
@@ -286,6 +311,9 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--kinds", default="kvpass2,bf16_static,kvpass2_static_graphs,bf16_static_graphs",
+                    help="kvpass2 (DynamicCache), kvpass2_static_graphs (StaticCache, mode='reduce-overhead'), "
+                         "bf16_static (Inductor), bf16_static_graphs (Inductor, mode='reduce-overhead')")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--only-extras", action="store_true", help="host overheads + largest batch, no model runs")
     ap.add_argument("--skip-kvpass", action="store_true")
@@ -308,6 +336,10 @@ def main():
     base_fwd = torch.compile(model.forward, backend="eager" if DRY else "inductor", dynamic=True)
     kv_backend = kvpass.backend(bits=2, group_size=32, residual_length=128, inner=inner)
     kv_fwd = torch.compile(model.forward, backend=kv_backend, dynamic=True)
+    graphs = {} if DRY else dict(mode="reduce-overhead")
+    base_graph_fwd = torch.compile(model.forward, backend="eager" if DRY else "inductor", dynamic=False, **graphs)
+    kv_graph_backend = kvpass.backend(bits=2, group_size=32, residual_length=128, inner=inner)
+    kv_graph_fwd = torch.compile(model.forward, backend=kv_graph_backend, dynamic=False, **graphs)
     rows = []
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     if DRY:
@@ -319,12 +351,13 @@ def main():
         extras["host_overheads"] = host_overheads(cfg)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
+    kinds = args.kinds.split(",")
     for P, B in configs:
-        for kind in ("kvpass2", "bf16_static"):
-            if (kind == "bf16_static" and args.skip_baseline) or (kind == "kvpass2" and args.skip_kvpass):
+        for kind in kinds:
+            if (kind.startswith("bf16") and args.skip_baseline) or (kind.startswith("kvpass2") and args.skip_kvpass):
                 continue
             need = cache_bytes_per_token(cfg) * (P + args.steps + args.warmup) * B
-            if kind == "bf16_static" and not DRY and need + weights > torch.cuda.mem_get_info()[1] * 0.95:
+            if kind in ("bf16_static", "bf16_static_graphs", "kvpass2_static_graphs") and not DRY and need + weights > torch.cuda.mem_get_info()[1] * 0.95:
                 row = dict(kind=kind, prompt=P, batch=B, tokens_per_s="", ms_per_step="", peak_gb="",
                            note=f"does not fit: bf16 cache {need / 2**30:.0f} GiB + weights {weights / 2**30:.1f} GiB")
                 print(row)
@@ -340,6 +373,10 @@ def main():
             try:
                 if kind == "kvpass2":
                     res = run_kvpass(model, cfg, P, B, args.steps, args.warmup, kv_fwd, profile=(B == 1))
+                elif kind == "kvpass2_static_graphs":
+                    res = run_kvpass_static(model, cfg, P, B, args.steps, args.warmup, kv_graph_fwd)
+                elif kind == "bf16_static_graphs":
+                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_graph_fwd)
                 else:
                     res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_fwd)
                 res.update(kind=kind, prompt=P, batch=B, note="")

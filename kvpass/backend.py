@@ -35,7 +35,13 @@ class KVPassBackend:
                         len(report.skipped))
         for where, reason in report.skipped:
             log.info("kvpass: skipped %s: %s", where, reason)
-        return self._compile(new_gm, example_inputs, kwargs.get("mode"), bool(report.sites))
+        mode = kwargs.get("mode")
+        compiled = self._compile(new_gm, example_inputs, mode, bool(report.sites))
+        if mode == "reduce-overhead" and report.sites and _on_cuda(example_inputs):
+            from kvpass.cudagraph import CudaGraphRunner
+
+            return CudaGraphRunner(compiled, name=f"graph {len(self.graphs)}")
+        return compiled
 
     def _compile(self, gm, example_inputs, mode, has_kvpass_ops):
         inner = self.config.inner
@@ -54,15 +60,18 @@ class KVPassBackend:
 
 
 def cudagraph_patch(mode, has_kvpass_ops: bool) -> dict:
-    """Inductor config for one graph. A graph holding kvpass ops never runs under CUDA graphs:
-    the store's lengths and flush decisions are host-side Python, which a graph replay would
-    skip (silently wrong results), so even a global `triton.cudagraphs=True` is overridden."""
+    """Inductor config for one graph. A graph holding kvpass ops never runs under Inductor's CUDA
+    graphs, even with a global `triton.cudagraphs=True`: they would copy the cache stand-ins and
+    replay host-side store decisions (silently wrong results). Under mode="reduce-overhead" such a
+    graph is wrapped in kvpass's own `CudaGraphRunner` instead (kvpass/cudagraph.py), which
+    captures only steps whose kvpass ops run on the device (static caches on CUDA)."""
     if not has_kvpass_ops:
         return {"triton.cudagraphs": True} if mode == "reduce-overhead" else {}
-    if mode == "reduce-overhead":
-        log.warning("kvpass: mode='reduce-overhead' (CUDA graphs) is not supported for graphs with a "
-                    "quantized KV cache yet; this graph runs without CUDA graphs (see NOTES.md)")
     return {"triton.cudagraphs": False}
+
+
+def _on_cuda(example_inputs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
 def backend(bits=2, group_size=32, residual_length=128, key_bits=None, value_bits=None, inner="inductor") -> KVPassBackend:

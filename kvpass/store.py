@@ -70,14 +70,18 @@ class _Parts:
         rows = tokens // spec.tokens_per_row
         return torch.empty(self.B, self.H, rows, *spec.tail, dtype=spec.dtype, device=self.device)
 
-    def reserve(self, new_tokens):
-        """Grow the buffers (keeping the stored tokens) until they hold `new_tokens` tokens."""
+    def capacity(self) -> int:
+        return min(b.shape[2] * s.tokens_per_row for b, s in zip(self.buffers.values(), self.specs.values()))
+
+    def reserve(self, new_tokens, exact=False):
+        """Grow the buffers (keeping the stored tokens) until they hold `new_tokens` tokens
+        (geometrically, or exactly `new_tokens` when `exact`)."""
         for name, spec in self.specs.items():
             buf, tpr = self.buffers[name], spec.tokens_per_row
             if buf.shape[2] * tpr < new_tokens:
                 cap = buf.shape[2] * tpr
                 step = max(cap // 8 // self.group * self.group, 16 * self.group)
-                grown = self._alloc(spec, max(new_tokens, cap + step))
+                grown = self._alloc(spec, new_tokens if exact else max(new_tokens, cap + step))
                 grown[:, :, : self.tokens // tpr] = buf[:, :, : self.tokens // tpr]
                 self.buffers[name] = grown
 
@@ -120,15 +124,100 @@ class KVStore:
         self.values = _Parts(make_codec("value", cfg.value_bits, G, dtype, Dv), B, H, Dv, device)
         self.res_k = torch.empty(B, H, 0, Dk, dtype=dtype, device=device)  # [B, H, L - Lq, Dk]
         self.res_v = torch.empty(B, H, 0, Dv, dtype=dtype, device=device)
-        self._win_k = self._win_v = None  # kernel path: [B, H, R + G, D] buffers, res_k/res_v their prefix
+        self._win_k = self._win_v = None  # kernel path: [B, H, R + G (+ G), D] buffers, res_k/res_v their prefix
+        # device-lengths mode (enable_device_lengths): int32 [4] = (Lq, L, error, spare) on the device
+        self.device_lengths: torch.Tensor | None = None
+        self._lengths_next: torch.Tensor | None = None
+        self._host_stale = False  # the device lengths moved on since the host fields were synced
 
     @property
     def quantized_length(self) -> int:
+        self._host_view()
         return self.keys.tokens
 
     @property
     def length(self) -> int:
+        self._host_view()
         return self.keys.tokens + self.res_k.shape[2]
+
+    @property
+    def window_k(self) -> torch.Tensor | None:
+        """Device-lengths mode: the whole window buffer [B, H, R + 2G, Dk] (rows [0, L - Lq) valid)."""
+        return self._win_k
+
+    @property
+    def window_v(self) -> torch.Tensor | None:
+        return self._win_v
+
+    # ---- device-side lengths (CUDA-graph capturable decode steps)
+
+    def enable_device_lengths(self, capacity: int):
+        """Keep Lq and L in `device_lengths` so that a decode step (`append_at` + the decode kernel)
+        never reads a length on the host: it can then be captured in a CUDA graph and replayed.
+
+        Allocates everything the store will ever need up front: parts for `capacity` tokens (a
+        StaticCache's max_cache_len, rounded up to whole groups) and a window of R + 2G tokens, so
+        no buffer moves afterwards (a replay keeps the addresses it recorded). Host-side users
+        (prefill appends, truncate, reads, `length`) sync the host fields from the device first."""
+        G, R = self.cfg.group_size, self.cfg.residual_length
+        cap = -(-capacity // G) * G
+        self.keys.reserve(cap, exact=True)
+        self.values.reserve(cap, exact=True)
+        self._ensure_window()
+        self._to_window_buffer()
+        self.device_lengths = torch.zeros(4, dtype=torch.int32, device=self.device)
+        self._lengths_next = torch.zeros(4, dtype=torch.int32, device=self.device)
+        self._push_lengths()
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the part buffers hold without growing."""
+        return self.keys.capacity()
+
+    def can_append_on_device(self, n: int) -> bool:
+        return self.device_lengths is not None and n <= self.cfg.group_size + 1
+
+    def append_at(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor, kernels):
+        """Device-lengths decode write of k_new/v_new [B, H, n, D] at `positions` (int [n] on the
+        device): no host sync, no allocation that outlives the call (see `append_from_state`)."""
+        if k_new.dtype != self.dtype:
+            k_new, v_new = k_new.to(self.dtype), v_new.to(self.dtype)
+        if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+            k_new, v_new = k_new.contiguous(), v_new.contiguous()
+        kb, vb = self.keys.buffers, self.values.buffers
+        kernels.append_from_state(
+            k_new, v_new, positions.reshape(-1), self.device_lengths, self._lengths_next, self._win_k, self._win_v,
+            kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"],
+            key_bits=self.cfg.key_bits, value_bits=self.cfg.value_bits, group_size=self.cfg.group_size,
+            residual_length=self.cfg.residual_length)
+        self._host_stale = True
+
+    def _host_view(self):
+        """Make the host fields (part token counts, res_k/res_v) current; counts a host-path use."""
+        global _host_path_uses
+        _host_path_uses += 1
+        if not self._host_stale:
+            return
+        Lq, L, err, _ = self.device_lengths.tolist()  # a device sync: never on the decode path
+        self._host_stale = False
+        if err:
+            self.device_lengths[2] = 0
+            raise KVStoreError(
+                "kvpass: a decode step wrote to positions the quantized cache cannot take (not consecutive, "
+                f"before the full-precision window, past the end, or beyond the capacity of {self.capacity} tokens); "
+                "that write was dropped. Use consecutive cache positions, or crop with a fresh cache."
+            )
+        self.keys.tokens = self.values.tokens = Lq
+        self.res_k, self.res_v = self._win_k[:, :, : L - Lq], self._win_v[:, :, : L - Lq]
+
+    def _push_lengths(self):
+        """After a host-side change in device-lengths mode: window into its buffer, lengths to the device."""
+        if self.device_lengths is None:
+            return
+        self._to_window_buffer()
+        Lq = self.keys.tokens
+        host = torch.tensor([Lq, Lq + self.res_k.shape[2], 0, 0], dtype=torch.int32)
+        self.device_lengths.copy_(host)
 
     def check_compatible(self, k_new: torch.Tensor, v_new: torch.Tensor):
         B, H, _, Dk = k_new.shape
@@ -142,11 +231,16 @@ class KVStore:
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor):
         """Append tokens k_new [B, H, n, Dk], v_new [B, H, n, Dv] and flush the window."""
         self.check_compatible(k_new, v_new)
+        self._host_view()
+        if self.device_lengths is not None and self.length + k_new.shape[2] > self.capacity:
+            raise KVStoreError(f"kvpass: writing {k_new.shape[2]} tokens after {self.length} overflows the cache's "
+                               f"{self.capacity} slots (its max_cache_len)")
         kernels = dispatch.quantize_append_kernel(self)
         if kernels is None:
             self._append_reference(k_new, v_new)
         else:
             self._append_kernel(kernels, k_new, v_new)
+        self._push_lengths()
 
     def _append_reference(self, k_new, v_new):
         self.res_k = torch.cat([self.res_k, k_new.to(self.dtype)], dim=2)
@@ -166,17 +260,28 @@ class KVStore:
             r.data_ptr() == w.data_ptr() and r.stride() == w.stride()
             for r, w in ((self.res_k, self._win_k), (self.res_v, self._win_v)))
 
+    def _ensure_window(self):
+        """The kernel path's window buffers: R + 2G token slots (R + G - 1 kept, plus up to G + 1 new)."""
+        if self._win_k is None:
+            G, R = self.cfg.group_size, self.cfg.residual_length
+            self._win_k = torch.empty(self.B, self.H, R + 2 * G, self.Dk, dtype=self.dtype, device=self.device)
+            self._win_v = torch.empty(self.B, self.H, R + 2 * G, self.Dv, dtype=self.dtype, device=self.device)
+
+    def _to_window_buffer(self):
+        """Move res_k/res_v into the window buffers' prefix (after the reference path or truncate)."""
+        if not self._window_in_buffer():
+            w = self.res_k.shape[2]
+            self._win_k[:, :, :w].copy_(self.res_k)
+            self._win_v[:, :, :w].copy_(self.res_v)
+            self.res_k, self.res_v = self._win_k[:, :, :w], self._win_v[:, :, :w]
+
     def _append_kernel(self, kernels, k_new, v_new):
         G, R = self.cfg.group_size, self.cfg.residual_length
         w, n = self.res_k.shape[2], k_new.shape[2]
-        if self._win_k is None:
-            self._win_k = torch.empty(self.B, self.H, R + G, self.Dk, dtype=self.dtype, device=self.device)
-            self._win_v = torch.empty(self.B, self.H, R + G, self.Dv, dtype=self.dtype, device=self.device)
+        self._ensure_window()
         cap = self._win_k.shape[2]
         if w + n <= cap:  # decode: write the new tokens in place after the window
-            if not self._window_in_buffer():  # the reference path, truncate or a caller set res_k/res_v
-                self._win_k[:, :, :w].copy_(self.res_k)
-                self._win_v[:, :, :w].copy_(self.res_v)
+            self._to_window_buffer()  # after the reference path, truncate, or a caller that set res_k/res_v
             self._win_k[:, :, w : w + n].copy_(k_new)
             self._win_v[:, :, w : w + n].copy_(v_new)
             src_k, src_v = self._win_k[:, :, : w + n], self._win_v[:, :, : w + n]  # [B, H, w + n, D]
@@ -187,7 +292,7 @@ class KVStore:
         if total >= R + G:
             m = (total - R) // G * G  # oldest whole groups; total - m < R + G tokens stay
             Lq = self.keys.tokens
-            self.keys.reserve(Lq + m)
+            self.keys.reserve(Lq + m)  # never grows in device-lengths mode (checked in `append`)
             self.values.reserve(Lq + m)
             kb, vb = self.keys.buffers, self.values.buffers
             kernels.quantize_append(
@@ -211,14 +316,16 @@ class KVStore:
         if length >= Lq:
             self.res_k = self.res_k[:, :, : length - Lq].clone()
             self.res_v = self.res_v[:, :, : length - Lq].clone()
-            return
-        start = length // G * G
-        self.res_k = self.keys.decode(start, start + G)[:, :, : length - start].to(self.dtype)
-        self.res_v = self.values.decode(start, start + G)[:, :, : length - start].to(self.dtype)
-        self.keys.truncate(start)
-        self.values.truncate(start)
+        else:
+            start = length // G * G
+            self.res_k = self.keys.decode(start, start + G)[:, :, : length - start].to(self.dtype)
+            self.res_v = self.values.decode(start, start + G)[:, :, : length - start].to(self.dtype)
+            self.keys.truncate(start)
+            self.values.truncate(start)
+        self._push_lengths()
 
     def _read(self, kind: str, kv_len: int) -> torch.Tensor:
+        self._host_view()
         parts, res = (self.keys, self.res_k) if kind == "key" else (self.values, self.res_v)
         Lq = parts.tokens
         kernel = dispatch.dequantize_kernel(self, kind)
@@ -245,11 +352,13 @@ class KVStore:
         """Bytes this store holds on its device: the parts' allocated capacity and the residual window's
         tokens (the kernel path's preallocated window buffer, R + G token slots, counts the tokens it
         holds, so both append paths report the same bytes)."""
+        self._host_view()
         res = self.res_k.numel() * self.res_k.element_size() + self.res_v.numel() * self.res_v.element_size()
         return self.keys.nbytes() + self.values.nbytes() + res
 
     def used_bytes(self) -> int:
         """Bytes of the tokens actually stored (no spare capacity)."""
+        self._host_view()
         res = self.res_k.numel() * self.res_k.element_size() + self.res_v.numel() * self.res_v.element_size()
         return self.keys.used_bytes() + self.values.used_bytes() + res
 
@@ -259,6 +368,19 @@ class KVStore:
 
 _REGISTRY: dict[int, tuple[StorageWeakRef, KVStore]] = {}
 _inserts_since_purge = 0
+_host_path_uses = 0
+
+
+def host_path_uses() -> int:
+    """How many times a store's host-side state was used (prefill appends, reads, truncation,
+    lengths, host-side positions). A call that leaves it unchanged ran on the device only, so its
+    launches can be captured in a CUDA graph and replayed (kvpass/cudagraph.py)."""
+    return _host_path_uses
+
+
+def count_host_path_use():
+    global _host_path_uses
+    _host_path_uses += 1
 
 
 def _key(t: torch.Tensor):

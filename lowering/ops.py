@@ -20,12 +20,13 @@ cast to the model dtype, call torch's SDPA with the model's own arguments.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from kvpass.store import KVStore, KVStoreError, StoreConfig, lookup, new_token, register
+from kvpass.store import KVStore, KVStoreError, StoreConfig, count_host_path_use, lookup, new_token, register
 
 _STANDIN_HINT = (
     "kvpass keeps the cache in its own quantized store and the cache object holds NaN stand-ins; "
@@ -45,12 +46,24 @@ def _ingest(store: KVStore, anchor_k, anchor_v, past_len: int):
     store.append(k, v)
 
 
-def _store_for(anchor_k, anchor_v, k_new, v_new, cfg: StoreConfig, past_len: int) -> KVStore:
+def _device_lengths_ok(store: KVStore, anchor_k) -> bool:
+    """Static caches (a fixed max_cache_len) on a device with the quantize-append kernel keep their
+    lengths on the device, so decode steps can run under CUDA graphs (KVPASS_DEVICE_LENGTHS=0: off)."""
+    if os.environ.get("KVPASS_DEVICE_LENGTHS", "1") == "0" or anchor_k.dim() != 4:
+        return False
+    from kvpass.lowering import dispatch
+
+    return dispatch.quantize_append_kernel(store) is not None
+
+
+def _store_for(anchor_k, anchor_v, k_new, v_new, cfg: StoreConfig, past_len: int, static: bool = False) -> KVStore:
     store = lookup(anchor_k)
     if store is None:
         dtype = anchor_k.dtype if anchor_k.dim() == 4 else k_new.dtype
         B, H, _, Dk = k_new.shape
         store = KVStore(cfg, B, H, Dk, v_new.shape[-1], dtype, k_new.device)
+        if static and _device_lengths_ok(store, anchor_k):
+            store.enable_device_lengths(anchor_k.shape[2])
         _ingest(store, anchor_k, anchor_v, past_len)
         for anchor in (anchor_k, anchor_v):
             if anchor.numel():
@@ -72,6 +85,7 @@ def _store_for(anchor_k, anchor_v, k_new, v_new, cfg: StoreConfig, past_len: int
 
 
 def _start_position(positions: torch.Tensor) -> int:
+    count_host_path_use()
     n = positions.numel()
     start = int(positions.reshape(-1)[0])
     expected = torch.arange(start, start + n, device=positions.device)
@@ -99,8 +113,17 @@ def kv_write(
     if positions is None:
         past_len = anchor_k.shape[2] if anchor_k.dim() == 4 else 0
     else:
+        store = lookup(anchor_k)
+        if store is not None and store.cfg == cfg and store.can_append_on_device(k_new.shape[2]):
+            # decode step with device-side lengths: no host sync (CUDA-graph capturable)
+            from kvpass.lowering import dispatch
+
+            kernels = dispatch.quantize_append_kernel(store)
+            store.check_compatible(k_new, v_new)
+            store.append_at(k_new, v_new, positions, kernels)
+            return new_token(store)
         past_len = _start_position(positions)
-    store = _store_for(anchor_k, anchor_v, k_new, v_new, cfg, past_len)
+    store = _store_for(anchor_k, anchor_v, k_new, v_new, cfg, past_len, static=positions is not None)
     store.append(k_new, v_new)
     return new_token(store)
 

@@ -164,9 +164,10 @@ def _kvpass_quantize_append(
     s_wkb, s_wkh, s_wvb, s_wvh,                 # window strides (token stride HEAD_DIM)
     s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh,  # part strides (rows contiguous)
     n_groups, groups_per_prog, row0, rest,
+    NK, NV, POS, ST, ST_NEXT, s_nkb, s_nkh, s_nkt, s_nvb, s_nvh, s_nvt, R_LEN, CAP,  # FROM_STATE only
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, VALUE_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-    USE_RINT: tl.constexpr,
+    USE_RINT: tl.constexpr, FROM_STATE: tl.constexpr, N_NEW: tl.constexpr,
 ):
     """Source tokens [0, n_groups * G) of SK/SV [B, H, *, D] -> part rows [row0, row0 + n) of
     KC [B, H, rows, D*KB/8] u8, KS/KZ [B, H, rows/G, D], VC [B, H, rows, D*VB/8] u8,
@@ -201,12 +202,47 @@ def _kvpass_quantize_append(
     vc = VC + b * s_vcb + h * s_vch
     vs = VS + b * s_vsb + h * s_vsh
     vz = VZ + b * s_vsb + h * s_vsh
-    g_lo = pid_g * groups_per_prog
-    g_hi = tl.minimum(g_lo + groups_per_prog, n_groups)
     tg = tl.arange(0, GROUP_SIZE)
     tt = tl.arange(0, BLOCK_T)
     cc = c0 + tl.arange(0, BLOCK_C)
     c_ok = cc < HEAD_DIM
+    if FROM_STATE:
+        # the decode step of a store with device-side lengths: ST = (Lq, L, error, spare) int32;
+        # the N_NEW new tokens go to positions POS[0..N_NEW) (int64), i.e. window rows
+        # [POS[0] - Lq, ...); SK/SV and WK/WV are the window buffers themselves
+        NP2: tl.constexpr = 1 if N_NEW == 1 else 1 << (N_NEW - 1).bit_length()
+        lq_now = tl.load(ST)
+        l_now = tl.load(ST + 1)
+        pp = tl.arange(0, NP2)
+        pos = tl.load(POS + pp, mask=pp < N_NEW, other=0).to(tl.int32)
+        pos0 = tl.sum(tl.where(pp == 0, pos, 0), axis=0)
+        bad = tl.sum(tl.where((pp < N_NEW) & (pos != pos0 + pp), 1, 0), axis=0) > 0  # not consecutive
+        lq_now = tl.where(pos0 == 0, 0, lq_now)       # a write at position 0 starts the cache over
+        w0 = pos0 - lq_now                             # window tokens kept (a rewrite truncates to it)
+        bad = bad | (w0 < 0) | (pos0 > l_now) | (pos0 + N_NEW > CAP)
+        total = w0 + N_NEW
+        flush = (total >= tl.where(bad, 1 << 30, R_LEN + GROUP_SIZE))
+        n_groups = tl.where(flush, (total - R_LEN) // GROUP_SIZE, 0)
+        g_lo = 0
+        g_hi = n_groups
+        row0 = lq_now
+        rest = tl.where(flush, total - n_groups * GROUP_SIZE, 0)  # no flush: the window stays put
+        new_ok = (pp < tl.where(bad, 0, N_NEW))[:, None] & c_ok[None, :]  # a bad write writes nothing
+        dst = (w0 + pp)[:, None] * HEAD_DIM + cc[None, :]
+        xk = tl.load(NK + b * s_nkb + h * s_nkh + pp[:, None] * s_nkt + cc[None, :], mask=new_ok)
+        xv = tl.load(NV + b * s_nvb + h * s_nvh + pp[:, None] * s_nvt + cc[None, :], mask=new_ok)
+        tl.store(WK + b * s_wkb + h * s_wkh + dst, xk.to(WK.dtype.element_ty), mask=new_ok)
+        tl.store(WV + b * s_wvb + h * s_wvh + dst, xv.to(WV.dtype.element_ty), mask=new_ok)
+        tl.debug_barrier()  # the new rows are read below by other threads of this program
+        if (pid_g == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+            err = tl.load(ST + 2)
+            tl.store(ST_NEXT, lq_now + n_groups * GROUP_SIZE)
+            tl.store(ST_NEXT + 1, tl.where(bad, l_now, pos0 + N_NEW))
+            tl.store(ST_NEXT + 2, tl.where(bad, 1, err))
+            tl.store(ST_NEXT + 3, tl.load(ST + 3))
+    else:
+        g_lo = pid_g * groups_per_prog
+        g_hi = tl.minimum(g_lo + groups_per_prog, n_groups)
 
     # ---- keys: per channel over the G tokens of a group; [G, BLOCK_K] tiles
     for g in range(g_lo, g_hi):
@@ -335,9 +371,7 @@ def quantize_append(
     if n_groups == 0 and rest == 0:
         return
     cfg = config or DEFAULT_CONFIG
-    block_c = min(max(_next_pow2(cfg.block_c), GV), _next_pow2(D))
-    block_k = max(8, min(_next_pow2(cfg.block_k), block_c))
-    block_t = min(_next_pow2(cfg.block_t), G)
+    block_c, block_k, block_t = _blocks(cfg, G, GV, D)
     # a window that is the source itself: one program per channel slice covers every group (module docstring)
     in_place = rest > 0 and window_k.untyped_storage().data_ptr() in (src_k.untyped_storage().data_ptr(),
                                                                       src_v.untyped_storage().data_ptr())
@@ -351,7 +385,60 @@ def quantize_append(
             k_codes.stride(0), k_codes.stride(1), k_scale.stride(0), k_scale.stride(1),
             v_codes.stride(0), v_codes.stride(1), v_scale.stride(0), v_scale.stride(1),
             n_groups, gpp, row, rest,
+            src_k, src_v, src_k, src_k, src_k, 0, 0, 0, 0, 0, 0, 0, 0,  # FROM_STATE arguments: unused
             KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, VALUE_GROUP=GV, HEAD_DIM=D,
             BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_T=block_t, USE_RINT=_use_rint(src_k.device),
-            num_warps=cfg.num_warps, num_stages=1,
+            FROM_STATE=False, N_NEW=1, num_warps=cfg.num_warps, num_stages=1,
         )
+
+
+def _blocks(cfg: AppendConfig, G: int, GV: int, D: int) -> tuple[int, int, int]:
+    block_c = min(max(_next_pow2(cfg.block_c), GV), _next_pow2(D))
+    return block_c, max(8, min(_next_pow2(cfg.block_k), block_c)), min(_next_pow2(cfg.block_t), G)
+
+
+def append_from_state(
+    k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor,
+    lengths: torch.Tensor, lengths_next: torch.Tensor,
+    window_k: torch.Tensor, window_v: torch.Tensor,
+    k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+    v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+    *, key_bits: int, value_bits: int, group_size: int, residual_length: int,
+    config: AppendConfig | None = None,
+) -> None:
+    """One decode write of a store whose lengths live on the device (CUDA-graph capturable: the
+    launch depends on shapes only, and nothing is read back to the host).
+
+    lengths int32 [4] = (Lq, L, error, spare) on the device; the kernel reads them, writes the
+    new tokens k_new/v_new [B, H, n, D] (n <= G + 1, channel stride 1) to window rows
+    [positions[0] - Lq, ... + n), flushes the oldest whole groups into the parts when the window
+    reaches R + G tokens (exactly as `KVStore.append`), and writes the updated lengths to
+    `lengths_next`, which is then copied into `lengths` (a second launch: programs read `lengths`
+    while it is being produced). A write at position 0 starts the cache over (Lq = 0: a reset
+    cache's new prompt). A write that is not at consecutive positions in [Lq, L], or that
+    runs past the parts' capacity, changes nothing and sets lengths[2] = 1, which the store
+    reports (KVStoreError) at its next host-side use. window_k/window_v [B, H, >= R + G + n - 1, D]
+    with contiguous rows; parts as in `quantize_append`, with capacity >= the cache length.
+    """
+    B, H, n, D = k_new.shape
+    G = group_size
+    GV = min(G, D)
+    cfg = config or DEFAULT_CONFIG
+    block_c, block_k, block_t = _blocks(cfg, G, GV, D)
+    grid = (1, H, B * -(-D // block_c))
+    cap = k_codes.shape[2]
+    with torch.cuda.device(k_new.device) if k_new.is_cuda else contextlib.nullcontext():
+        _kvpass_quantize_append[grid](
+            window_k, window_v, window_k, window_v, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+            window_k.stride(0), window_k.stride(1), window_k.stride(2), window_v.stride(0), window_v.stride(1),
+            window_v.stride(2), window_k.stride(0), window_k.stride(1), window_v.stride(0), window_v.stride(1),
+            k_codes.stride(0), k_codes.stride(1), k_scale.stride(0), k_scale.stride(1),
+            v_codes.stride(0), v_codes.stride(1), v_scale.stride(0), v_scale.stride(1),
+            0, 1, 0, 0,
+            k_new, v_new, positions, lengths, lengths_next, k_new.stride(0), k_new.stride(1), k_new.stride(2),
+            v_new.stride(0), v_new.stride(1), v_new.stride(2), residual_length, cap,
+            KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, VALUE_GROUP=GV, HEAD_DIM=D,
+            BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_T=block_t, USE_RINT=_use_rint(k_new.device),
+            FROM_STATE=True, N_NEW=n, num_warps=cfg.num_warps, num_stages=1,
+        )
+    lengths.copy_(lengths_next)

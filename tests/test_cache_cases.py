@@ -90,17 +90,40 @@ def test_backend_accepts_hf_mode_kwarg():
     assert fn(torch.randn(2, 4)).shape == (2, 4)
 
 
-def test_graphs_with_kvpass_ops_never_run_under_cuda_graphs(caplog):
-    """A CUDA-graph replay would skip the store's host-side bookkeeping: kvpass turns cudagraphs
-    off for its graphs (even when asked for reduce-overhead) and says so."""
+def test_graphs_with_kvpass_ops_never_run_under_inductor_cuda_graphs():
+    """Inductor's CUDA graphs would copy the cache stand-ins and replay host-side store decisions:
+    kvpass turns them off for its graphs, even under reduce-overhead (kvpass's own runner,
+    kvpass/cudagraph.py, captures those instead), and leaves other graphs alone."""
     from kvpass.backend import cudagraph_patch
 
-    with caplog.at_level("WARNING", logger="kvpass"):
-        assert cudagraph_patch("reduce-overhead", has_kvpass_ops=True) == {"triton.cudagraphs": False}
-    assert "reduce-overhead" in caplog.text
+    assert cudagraph_patch("reduce-overhead", has_kvpass_ops=True) == {"triton.cudagraphs": False}
     assert cudagraph_patch(None, has_kvpass_ops=True) == {"triton.cudagraphs": False}
     assert cudagraph_patch("reduce-overhead", has_kvpass_ops=False) == {"triton.cudagraphs": True}
     assert cudagraph_patch(None, has_kvpass_ops=False) == {}
+
+
+def test_cuda_graph_runner_captures_only_device_only_steps(monkeypatch, caplog):
+    """The runner captures a signature after one run that used no host-side store state, and
+    gives a signature up (running it as compiled, with a log line) after repeated host-side runs."""
+    from kvpass import cudagraph, store
+
+    captured = []
+    monkeypatch.setattr(cudagraph.CudaGraphRunner, "_capture", lambda self, sig, args, idx: captured.append(args))
+    clean = cudagraph.CudaGraphRunner(lambda x: x + 1, name="clean")
+    assert clean(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert len(captured) == 1
+
+    def host_side(x):
+        store.count_host_path_use()
+        return x * 2
+
+    dirty = cudagraph.CudaGraphRunner(host_side, name="dirty")
+    with caplog.at_level("INFO", logger="kvpass"):
+        for _ in range(cudagraph._MAX_DIRTY_RUNS + 2):
+            assert dirty(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert len(captured) == 1
+    assert "dirty runs without CUDA graphs" in caplog.text
+    assert all(sig.failed for sig in dirty.signatures.values())
 
 
 def test_beam_search_raises_a_clear_error():

@@ -31,12 +31,14 @@ def _model(name):
     return getattr(transformers, cls_name)(cfg).eval()
 
 
-def _generate(model, device, inner, cache):
+def _generate(model, device, inner, cache, **compile_kw):
     ids = torch.randint(1, 97, (1, 100), generator=torch.Generator().manual_seed(1)).to(device)
     model = model.to(device)
     b = kvpass.backend(bits=2, group_size=32, residual_length=32, inner=inner)
-    model.compile(backend=b)
+    model.compile(backend=b, **compile_kw)
     kw = dict(GEN, cache_implementation="static") if cache == "static" else GEN
+    if compile_kw:
+        kw["disable_compile"] = True  # generate's own auto-compile must not wrap the model again
     out = model.generate(ids, **kw)
     assert kvpass.explain(b).rewritten == model.config.num_hidden_layers
     return out
@@ -89,3 +91,20 @@ def test_inductor_code_calls_kvpass_ops():
     code = "\n".join(codes)
     assert "torch.ops.kvpass.kv_write.default" in code, code[:2000]
     assert "torch.ops.kvpass.attention.default" in code, code[:2000]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gpu_reduce_overhead_replays_decode_steps(name):
+    """mode="reduce-overhead" with a static cache: the stores keep their lengths on the device and
+    kvpass's CudaGraphRunner replays the decode steps; tokens and logits equal the CPU reference."""
+    from kvpass import cudagraph
+
+    ref = _generate(_model(name), "cpu", "eager", "static")
+    torch._dynamo.reset()
+    before = cudagraph.total_replays()
+    got = _generate(_model(name), "cuda", "inductor", "static", mode="reduce-overhead")
+    replays = cudagraph.total_replays() - before
+    assert replays >= GEN["max_new_tokens"] - 4, f"only {replays} CUDA-graph replays"
+    assert torch.equal(ref.sequences, got.sequences.cpu())
+    diff = max((a - c.cpu()).abs().max().item() for a, c in zip(ref.logits, got.logits))
+    assert diff <= LOGIT_ATOL[torch.float32]

@@ -1,0 +1,155 @@
+"""CUDA-graph replay of compiled steps whose kvpass ops run on the device only.
+
+`torch.compile(model, backend=kvpass.backend(...), mode="reduce-overhead")` wraps every graph
+that holds kvpass ops in a `CudaGraphRunner`. Inductor's own CUDA graphs cannot be used there:
+they copy every non-parameter input into a static buffer (a static cache's stand-ins are inputs
+whose logical size is the whole cache) and know nothing of the store's state. The runner:
+  * keys each call by its input signature (shapes, dtypes, strides of the inputs it copies, and
+    the addresses of the inputs it does not: parameters, buffers, tensors Dynamo marked static,
+    kvpass stand-ins and tokens, and anything over 16 MiB);
+  * runs a call normally until one ran without touching any store's host-side state
+    (`kvpass.store.host_path_uses` unchanged: every write was a device-lengths decode write and
+    every read the decode kernel), then captures that signature's step in a CUDA graph;
+  * replays it afterwards: copies the small inputs into the captured buffers, replays, and
+    returns fresh copies of the outputs (outputs that are kvpass tokens or alias a static input
+    are returned as they are).
+Signatures that keep using host-side state (dynamic caches, prefills, eager-attention models,
+the reference path) are never captured and run as compiled, after one log line saying why.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from kvpass import store as kv_store
+
+log = logging.getLogger("kvpass")
+
+_BIG_INPUT_BYTES = 16 << 20   # larger inputs must keep their address (copying them would cost a step)
+_MAX_SIGNATURES = 8           # distinct captured input signatures per compiled graph
+_MAX_DIRTY_RUNS = 3           # runs using host-side store state before a signature is given up
+
+
+def _is_static(t: torch.Tensor) -> bool:
+    return (isinstance(t, torch.nn.Parameter) or getattr(t, "_dynamo_static_input_type", None) is not None
+            or t.numel() * t.element_size() > _BIG_INPUT_BYTES or kv_store.lookup(t) is not None)
+
+
+class _Signature:
+    """One captured (or warming-up) input signature."""
+
+    def __init__(self):
+        self.clean_runs = 0
+        self.dirty_runs = 0
+        self.failed = False
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.copies: list[tuple[int, torch.Tensor]] = []  # (arg index, captured buffer)
+        self.outputs = None
+        self.keep: list[bool] = []                    # per output: returned as is (else cloned)
+
+
+_RUNNERS: "weakref.WeakSet[CudaGraphRunner]" = weakref.WeakSet()
+
+
+def total_replays() -> int:
+    """CUDA-graph replays by every live runner (benchmarks and tests read it)."""
+    return sum(r.replays for r in _RUNNERS)
+
+
+class CudaGraphRunner:
+    """Wraps a compiled graph callable `fn(*args)`; see the module docstring."""
+
+    def __init__(self, fn, name: str = "graph"):
+        _RUNNERS.add(self)
+        self.fn = fn
+        self.name = name
+        self.signatures: dict[tuple, _Signature] = {}
+        self.replays = 0
+        self.disabled = False
+
+    def _key(self, args) -> tuple[tuple, list[int]]:
+        parts, static_idx = [], []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                if _is_static(a):
+                    static_idx.append(i)
+                    parts.append((i, "s", a.data_ptr(), tuple(a.shape), a.dtype))
+                else:
+                    parts.append((i, "c", tuple(a.shape), a.stride(), a.dtype, a.device))
+            else:
+                parts.append((i, "v", a))
+        return tuple(parts), static_idx
+
+    def __call__(self, *args):
+        if self.disabled:
+            return self.fn(*args)
+        key, static_idx = self._key(args)
+        sig = self.signatures.get(key)
+        if sig is None:
+            if len(self.signatures) >= _MAX_SIGNATURES:
+                self.disabled = True
+                log.info("kvpass: %s: over %d input signatures, CUDA graphs off for it", self.name, _MAX_SIGNATURES)
+                return self.fn(*args)
+            sig = self.signatures[key] = _Signature()
+        if sig.graph is not None:
+            return self._replay(sig, args)
+        if sig.failed:
+            return self.fn(*args)
+        before = kv_store.host_path_uses()
+        out = self.fn(*args)
+        if kv_store.host_path_uses() != before:
+            sig.dirty_runs += 1
+            if sig.dirty_runs > _MAX_DIRTY_RUNS:
+                sig.failed = True
+                log.info("kvpass: %s runs without CUDA graphs for this input signature: its kvpass ops use "
+                         "host-side cache state (a dynamic cache, a prefill, eager attention or the reference path)",
+                         self.name)
+            return out
+        self._capture(sig, args, static_idx)
+        return out
+
+    def _capture(self, sig: _Signature, args, static_idx: list[int]):
+        static = set(static_idx)
+        run_args = list(args)
+        copies = []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and i not in static:
+                buf = a.clone()
+                run_args[i] = buf
+                copies.append((i, buf))
+        graph = torch.cuda.CUDAGraph()
+        before = kv_store.host_path_uses()
+        try:
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                outputs = self.fn(*run_args)
+        except RuntimeError as e:  # a host sync or an uncapturable op inside the step
+            sig.failed = True
+            log.warning("kvpass: %s: CUDA graph capture failed (%s); it runs without CUDA graphs", self.name, e)
+            return
+        if kv_store.host_path_uses() != before:
+            sig.failed = True
+            log.info("kvpass: %s: the captured step used host-side cache state; discarded", self.name)
+            return
+        static_storages = {args[i].untyped_storage().data_ptr() for i in static_idx}
+        keep = []
+        for o in _as_list(outputs):
+            keep.append(not isinstance(o, torch.Tensor) or kv_store.lookup(o) is not None
+                        or o.untyped_storage().data_ptr() in static_storages)
+        sig.graph, sig.outputs, sig.keep, sig.copies = graph, outputs, keep, copies
+        log.info("kvpass: %s: captured a CUDA graph (%d inputs copied per replay)", self.name, len(copies))
+
+    def _replay(self, sig: _Signature, args):
+        for i, buf in sig.copies:
+            buf.copy_(args[i])
+        sig.graph.replay()
+        self.replays += 1
+        outs = _as_list(sig.outputs)
+        fresh = [o if k else o.clone() for o, k in zip(outs, sig.keep)]
+        return type(sig.outputs)(fresh) if isinstance(sig.outputs, (list, tuple)) else fresh[0]
+
+
+def _as_list(outputs) -> list:
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
