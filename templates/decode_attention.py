@@ -18,6 +18,9 @@ Constexprs:
                            DecodeConfig.pad_heads
     MASK_KIND              0 none, 1 bool (True = attend), 2 additive float
     SINGLE                 one split: write the output directly (no reduce launch)
+    LENGTHS_ON_DEVICE      Lq and L are read from the int32 tensor LENS (device-lengths mode, CUDA-graph
+                           capturable); else they are host ints (LENS is None: the host-mode
+                           specialization compiles to the same code as before this mode existed)
     USE_ASM                (dot) unpack two codes per instruction in inline PTX (GPU, 16-bit models);
                            else exact fp32 unpacking (interpreter, fp32 models)
     EMULATE_DOT            (dot) the CPU interpreter's bf16 dot is wrong: multiply the rounded
@@ -34,10 +37,18 @@ Math (log2 domain, qk_scale = sm_scale * log2(e)):
   Codes never go through integer->float conversion instructions: the code bits are ORed into
   the mantissa of a magic float and one (packed) FMA makes them exact (`_plane`, `_asm_unpack`).
   Online softmax in fp32 with a lazily raised running max (only when a block exceeds it by 2**8).
-Programs: grid (splits, Hkv, B) (rows: (REP * splits, Hkv, B)). Split s covers the key groups
-[s * chunk, (s + 1) * chunk) of the quantized region; split `res_split` also covers the
-full-precision window [Lq, L) and, for static caches, the tail [L, kv_len) whose keys/values read
-as zeros (exactly what the reference's zero-padded read gives).
+Programs: grid (splits, Hkv, B) (rows: (REP * splits, Hkv, B)). The attended columns are
+[0, Lq) quantized, [Lq, L) the full-precision window, and, for static caches, the tail
+[L, kv_len) whose keys/values read as zeros (exactly what the reference's zero-padded read gives:
+score 0 + mask bias, value 0).
+  Host lengths: `plan_splits` follows Lq; split s covers the key groups [s * chunk, (s + 1) * chunk)
+  of the quantized region; split `res_split` also covers the window and the tail.
+  Device lengths (LENGTHS_ON_DEVICE): the number of splits is planned for the capacity kv_len (the
+  launch never depends on the lengths); each program reads (Lq, L) and takes split s's share of
+  [0, L) in whole steps (`_device_lengths`: chunk = ceil(L / splits) rounded up to G or BLOCK_N,
+  so the work stays balanced for any L), quantized part then window part, and its share of the
+  zero tail (`_tail_share`): in closed form without a mask (count * 2**(0 - m), `_zero_tail_*`),
+  else a loop over the mask only. Splits with nothing write m = -inf, l = 0 (the reduce skips them).
 Performance and its limits on the H100: benchmarks/NOTES.md.
 """
 from __future__ import annotations
@@ -414,14 +425,64 @@ def _lazy_softmax_heads(s, m_i, acc, l_i):
     return p, m_i, acc, l_i + tl.sum(p, axis=1)
 
 
+@triton.jit
+def _device_lengths(LENS, KV_LEN, NUM_SPLITS_RT, STEP: tl.constexpr):
+    """Device-lengths mode: (Lq, L) read from LENS[0], LENS[1] and clipped to the attended width,
+    and the tokens per split: [0, L) (quantized region and window) dealt out over the launch's
+    NUM_SPLITS_RT splits in whole steps (STEP = max(G, BLOCK_N)), so the work stays balanced for
+    any L while the grid depends only on the capacity KV_LEN. Splits past L get nothing there."""
+    Lq = tl.minimum(tl.load(LENS), KV_LEN)
+    L = tl.minimum(tl.load(LENS + 1), KV_LEN)
+    chunk = tl.maximum(tl.cdiv(L, NUM_SPLITS_RT * STEP), 1) * STEP
+    return Lq, L, chunk
+
+
+@triton.jit
+def _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT):
+    """Split pid_s's share [t_start, t_end) of the zero tail [L, KV_LEN) (empty when t_start >= t_end)."""
+    t_chunk = tl.cdiv(KV_LEN - L, NUM_SPLITS_RT)
+    t_start = L + pid_s * t_chunk
+    return t_start, tl.minimum(t_start + t_chunk, KV_LEN)
+
+
+@triton.jit
+def _zero_tail_rows(cnt, m, acc, accz, l_r, rows):
+    """cnt (may be <= 0: nothing) unmasked zero-key, zero-value columns at once (rows variant):
+    each scores exactly 0, so it adds 2**(0 - m) to the denominator and nothing to acc. The same
+    lazy max rule as `_lazy_softmax_rows` (raise to 0 only when 0 > m + 8)."""
+    if cnt > 0:
+        if 0.0 > m + 8.0:
+            alpha = tl.exp2(m)                     # m < -8 (or -inf: alpha = 0, acc and l are 0)
+            acc = acc * alpha
+            accz = accz * alpha
+            l_r = l_r * alpha
+            m = tl.maximum(m, 0.0)
+        l_r = l_r + tl.where(rows == 0, cnt.to(tl.float32) * tl.exp2(0.0 - m), 0.0)
+    return m, acc, accz, l_r
+
+
+@triton.jit
+def _zero_tail_heads(cnt, m_i, acc, l_i):
+    """The same for REP query heads at once (dot variant), rule of `_lazy_softmax_heads`."""
+    if cnt > 0:
+        if tl.max((0.0 > m_i + 8.0).to(tl.int32), axis=0) > 0:
+            m_new = tl.maximum(m_i, 0.0)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        l_i = l_i + cnt.to(tl.float32) * tl.exp2(0.0 - m_i)
+    return m_i, acc, l_i
+
+
 @triton.jit(do_not_specialize=_DNS)
 def _kvpass_decode_rows(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT, LENS,
     s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh, s_mb, s_mh, s_mk,
     Lq, L, KV_LEN, chunk, res_split, NUM_SPLITS_RT, qk_scale, REP,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, SINGLE: tl.constexpr,
+    MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr,
 ):
     """CUDA-core variant: one query head per program; each thread owns whole token rows, so the
     q.k dot is an in-thread FMA chain and P.V accumulates per row in registers (rows are summed
@@ -447,6 +508,7 @@ def _kvpass_decode_rows(
     NG_PAD: tl.constexpr = D_PAD // GROUP_SIZE
     KGROUPS: tl.constexpr = BLOCK_N // GROUP_SIZE if BLOCK_N >= GROUP_SIZE else 1
     TPG: tl.constexpr = BLOCK_N // KGROUPS       # tokens of one key group inside a block
+    STEP: tl.constexpr = BLOCK_N if BLOCK_N > GROUP_SIZE else GROUP_SIZE  # split boundaries: whole steps
 
     pid0 = tl.program_id(0)
     pid_s = pid0 // REP
@@ -471,6 +533,8 @@ def _kvpass_decode_rows(
     wv = tl.arange(0, NWV_PAD)
     g_idx = tl.arange(0, NG_PAD)
 
+    if LENGTHS_ON_DEVICE:
+        Lq, L, chunk = _device_lengths(LENS, KV_LEN, NUM_SPLITS_RT, STEP)
     start = pid_s * chunk
     end = tl.minimum(start + chunk, Lq)
     kc_base = KC + pid_b * s_kcb + pid_h * s_kch
@@ -511,22 +575,49 @@ def _kvpass_decode_rows(
         acc += (p[:, None] * vsc.to(tl.float32))[:, :, None] * vcode
         accz += p[:, None] * vze.to(tl.float32)
 
-    # ---- residual window [Lq, L) and zero tail [L, KV_LEN), in split `res_split`
-    if pid_s == res_split:
+    if LENGTHS_ON_DEVICE:
+        # ---- this split's part of the window [Lq, L) (window row r = token - Lq; rows of the
+        # window buffer past L - Lq are never read), then its share of the zero tail [L, KV_LEN)
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
-        for t0 in range(Lq, KV_LEN, BLOCK_N):
+        w_end = tl.minimum(start + chunk, L)
+        for t0 in range(tl.maximum(start, Lq), w_end, BLOCK_N):
             tok = t0 + rows
-            in_res = tok < L
-            tok_ok = tok < KV_LEN
+            in_res = tok < w_end
             r = tok - Lq
             k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
             s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * qk_scale
-            s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
-            s = tl.where(tok_ok, s, float("-inf"))
+            s += _mask_bias(MASK, mask_row, tok, in_res, s_mk, MASK_KIND)
+            s = tl.where(in_res, s, float("-inf"))
             p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
             v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
             acc += p[:, None, None] * tl.reshape(v.to(tl.float32), (BLOCK_N, NG_PAD, GROUP_SIZE))
+        t_start, t_end = _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT)
+        if MASK_KIND == 0:   # score 0, value 0: closed form
+            m, acc, accz, l_r = _zero_tail_rows(t_end - t_start, m, acc, accz, l_r, rows)
+        else:                # score = the mask's bias; nothing to add to acc
+            for t0 in range(t_start, t_end, BLOCK_N):
+                tok = t0 + rows
+                tok_ok = tok < t_end
+                s = tl.where(tok_ok, _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND), float("-inf"))
+                p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
+    else:
+        # ---- residual window [Lq, L) and zero tail [L, KV_LEN), in split `res_split`
+        if pid_s == res_split:
+            rk_base = RK + pid_b * s_rb + pid_h * s_rh
+            rv_base = RV + pid_b * s_rb + pid_h * s_rh
+            for t0 in range(Lq, KV_LEN, BLOCK_N):
+                tok = t0 + rows
+                in_res = tok < L
+                tok_ok = tok < KV_LEN
+                r = tok - Lq
+                k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
+                s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * qk_scale
+                s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
+                s = tl.where(tok_ok, s, float("-inf"))
+                p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
+                v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
+                acc += p[:, None, None] * tl.reshape(v.to(tl.float32), (BLOCK_N, NG_PAD, GROUP_SIZE))
 
     l_sum = tl.sum(l_r, axis=0)
     o = tl.reshape(tl.sum(acc, axis=0) + tl.sum(accz, axis=0)[:, None], (D_PAD,))
@@ -541,12 +632,13 @@ def _kvpass_decode_rows(
 
 @triton.jit(do_not_specialize=_DNS)
 def _kvpass_decode_dot(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT, LENS,
     s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh, s_mb, s_mh, s_mk,
     Lq, L, KV_LEN, chunk, res_split, NUM_SPLITS_RT, qk_scale, REP,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr,
     MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, USE_ASM: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    LENGTHS_ON_DEVICE: tl.constexpr,
 ):
     """Tensor-core variant: the REP query heads of one KV head, padded to HB >= 16 rows, in one
     program (GQA/MQA; MHA pads 1 row to 16, which the tensor cores absorb). Per step one key group
@@ -580,6 +672,7 @@ def _kvpass_decode_dot(
     NG: tl.constexpr = HEAD_DIM // GROUP_SIZE
     NG_PAD: tl.constexpr = D_PAD // GROUP_SIZE
     WG: tl.constexpr = GROUP_SIZE // KPV          # value words per group
+    STEP: tl.constexpr = GROUP_SIZE               # split boundaries: whole key groups (BLOCK_N divides G)
 
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -605,6 +698,8 @@ def _kvpass_decode_dot(
     g_idx = tl.arange(0, NG_PAD)
     wv = tl.arange(0, WG)
 
+    if LENGTHS_ON_DEVICE:
+        Lq, L, chunk = _device_lengths(LENS, KV_LEN, NUM_SPLITS_RT, STEP)
     start = pid_s * chunk
     end = tl.minimum(start + chunk, Lq)
     kc_base = KC + pid_b * s_kcb + pid_h * s_kch
@@ -656,22 +751,49 @@ def _kvpass_decode_dot(
             v = tl.reshape(vcode * vs1[:, :, None] + vz1[:, :, None], (BLOCK_N, D_PAD)).to(VDT)
         acc += _dot(p.to(VDT), v, EMULATE_DOT)
 
-    # ---- residual window [Lq, L) and zero tail [L, KV_LEN), in split `res_split`
-    if pid_s == res_split:
+    if LENGTHS_ON_DEVICE:
+        # ---- this split's part of the window [Lq, L), then its share of the zero tail [L, KV_LEN)
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
-        for t0 in range(Lq, KV_LEN, BLOCK_N):
+        w_end = tl.minimum(start + chunk, L)
+        for t0 in range(tl.maximum(start, Lq), w_end, BLOCK_N):
             tok = t0 + nb
-            in_res = tok < L
-            tok_ok = tok < KV_LEN
+            in_res = tok < w_end
             r = tok - Lq
             k = tl.load(rk_base + r[:, None] * HEAD_DIM + dk[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
             s = _dot(q.to(DT), tl.trans(k), EMULATE_DOT) * qk_scale
-            s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
-            s = tl.where(tok_ok[None, :], s, float("-inf"))
+            s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & in_res[None, :], s_mk, MASK_KIND)
+            s = tl.where(in_res[None, :], s, float("-inf"))
             p, m_i, acc, l_i = _lazy_softmax_heads(s, m_i, acc, l_i)
             v = tl.load(rv_base + r[:, None] * HEAD_DIM + dv[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
             acc += _dot(p.to(DT), v, EMULATE_DOT)
+        t_start, t_end = _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT)
+        if MASK_KIND == 0:   # score 0, value 0: closed form
+            m_i, acc, l_i = _zero_tail_heads(t_end - t_start, m_i, acc, l_i)
+        else:                # score = the mask's bias; nothing to add to acc
+            for t0 in range(t_start, t_end, BLOCK_N):
+                tok = t0 + nb
+                tok_ok = tok < t_end
+                s = _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
+                s = tl.where(tok_ok[None, :], s, float("-inf"))
+                p, m_i, acc, l_i = _lazy_softmax_heads(s, m_i, acc, l_i)
+    else:
+        # ---- residual window [Lq, L) and zero tail [L, KV_LEN), in split `res_split`
+        if pid_s == res_split:
+            rk_base = RK + pid_b * s_rb + pid_h * s_rh
+            rv_base = RV + pid_b * s_rb + pid_h * s_rh
+            for t0 in range(Lq, KV_LEN, BLOCK_N):
+                tok = t0 + nb
+                in_res = tok < L
+                tok_ok = tok < KV_LEN
+                r = tok - Lq
+                k = tl.load(rk_base + r[:, None] * HEAD_DIM + dk[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
+                s = _dot(q.to(DT), tl.trans(k), EMULATE_DOT) * qk_scale
+                s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
+                s = tl.where(tok_ok[None, :], s, float("-inf"))
+                p, m_i, acc, l_i = _lazy_softmax_heads(s, m_i, acc, l_i)
+                v = tl.load(rv_base + r[:, None] * HEAD_DIM + dv[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
+                acc += _dot(p.to(DT), v, EMULATE_DOT)
 
     if SINGLE:
         orow = pid_b * tl.num_programs(1) * REP + hq
@@ -772,29 +894,57 @@ def decode_attention(
     v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
     res_k: torch.Tensor, res_v: torch.Tensor,
     *, key_bits: int, value_bits: int, group_size: int,
-    quantized_length: int, length: int, kv_len: int | None = None,
+    quantized_length: int | None = None, length: int | None = None, kv_len: int | None = None,
     sm_scale: float | None = None, attn_mask: torch.Tensor | None = None,
     config: DecodeConfig | None = None, out: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q K^T * sm_scale + mask) V for q [B, Hq, 1, D] over a KIVI store.
 
-    k_codes/v_codes uint8 [B, H, cap, D*bits/8] (tokens [0, quantized_length) valid), k_scale/
-    k_zero [B, H, cap/G, D], v_scale/v_zero [B, H, cap, D/G] (last two dims contiguous),
-    res_k/res_v [B, H, length - Lq, D].
-    kv_len (default length): the attended width; columns >= length read zero keys/values, as the
-    reference's zero-padded static-cache read does; kv_len < length attends the first kv_len.
+    k_codes/v_codes uint8 [B, H, cap, D*bits/8] (tokens [0, Lq) valid), k_scale/k_zero
+    [B, H, cap/G, D], v_scale/v_zero [B, H, cap, D/G] (last two dims contiguous).
+    kv_len: the attended width; columns in [L, kv_len) read zero keys/values, as the reference's
+    zero-padded static-cache read does; kv_len < L attends the first kv_len tokens.
     attn_mask: None, bool (True = attend) or additive float of q's dtype, broadcastable to
     [B, Hq, 1, kv_len]. Returns [B, Hq, 1, D] in q's dtype, written into `out` when given
     (contiguous, that shape and dtype; every element is written).
+
+    Two modes, same result:
+    - host lengths (lengths=None): Lq = quantized_length and L = length are host ints,
+      res_k/res_v [B, H, L - Lq, D] hold exactly the window, kv_len defaults to L. The split plan
+      (number of splits, chunk) follows Lq.
+    - device lengths (`lengths` int32 [>= 2] on q's device, contiguous: lengths[0] = Lq, a
+      multiple of G, lengths[1] = L): CUDA-graph capturable. Nothing here reads `lengths` on the
+      host, and the launch (grid, number of splits, every argument and constexpr) depends only on
+      shapes, kv_len (required), dtype and config, so a recorded launch is right for any lengths.
+      quantized_length/length are ignored; res_k/res_v are the store's whole window buffers
+      [B, H, W, D] with W >= L - Lq (the window's token Lq + r at row r; rows past L - Lq are
+      never read); the part buffers must hold tokens [0, Lq) (a static store: capacity kv_len
+      rounded up to whole groups). The splits are planned for the capacity kv_len; the kernel
+      deals [0, L) and the zero tail [L, kv_len) out over them (`_device_lengths`, `_tail_share`).
     """
     B, Hq, Tq, D = q.shape
     assert Tq == 1, "decode kernel takes one query token"
     H = res_k.shape[1]
     assert Hq % H == 0, f"query heads {Hq} must be a multiple of kv heads {H}"
     rep = Hq // H
-    kv_len = length if kv_len is None else kv_len
-    Lq = min(quantized_length, kv_len)
-    L = min(length, kv_len)
+    if lengths is None:
+        if length is None or quantized_length is None:
+            raise ValueError("kvpass decode kernel: pass quantized_length and length, or device `lengths`")
+        kv_len = length if kv_len is None else kv_len
+        Lq = min(quantized_length, kv_len)
+        L = min(length, kv_len)
+    else:
+        # Only static facts of `lengths` are checked: its contents stay on the device.
+        if kv_len is None:
+            raise ValueError("kvpass decode kernel: device `lengths` need kv_len (the static attended width)")
+        if kv_len < 1:
+            raise ValueError(f"kvpass decode kernel: kv_len {kv_len} < 1")
+        if (lengths.dtype != torch.int32 or lengths.device != q.device or lengths.dim() != 1
+                or lengths.shape[0] < 2 or lengths.stride(0) != 1):
+            raise ValueError("kvpass decode kernel: `lengths` must be a contiguous int32 vector of >= 2 elements "
+                             f"(Lq, L) on {q.device}; got {lengths.dtype} {tuple(lengths.shape)} on {lengths.device}")
+        Lq = L = 0  # launch placeholders: the kernel reads Lq and L from `lengths`
     spec = DecodeSpec(key_bits, value_bits, group_size, D, q.dtype, rep)
     why = check_spec(spec)
     if why:
@@ -819,20 +969,26 @@ def decode_attention(
             mask_kind, mask = 2, m4
         s_m = (mask.stride(0), mask.stride(1), mask.stride(3))
 
-    if Lq > 0:
-        for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero):
+    parts = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    if Lq > 0 or (lengths is not None and all(t.numel() for t in parts)):
+        for t in parts:
             assert _rows_contiguous(t), "kvpass decode kernel: store buffers must have contiguous rows"
         kc, vc = k_codes.view(torch.int32), v_codes.view(torch.int32)
-    else:  # nothing quantized yet: never-read pointers
+    else:  # nothing quantized yet (device lengths: no part allocated, so Lq = 0): never-read pointers
         kc = vc = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=q.device)
         k_scale = k_zero = v_scale = v_zero = res_k
     if not (_rows_contiguous(res_k) and _rows_contiguous(res_v) and res_k.stride()[:2] == res_v.stride()[:2]):
         res_k, res_v = res_k.contiguous(), res_v.contiguous()  # the store's window views need no copy
     rs = (res_k.stride(0), res_k.stride(1)) if res_k.numel() else (0, 0)
     assert q.stride(3) == 1
-    has_rest = L > Lq or kv_len > L
     units = B * H if use_dot else B * Hq
-    S, chunk, res_split = plan_splits(units, Lq, max(G, block_n), has_rest, cfg, q.device)
+    step = max(G, block_n)
+    if lengths is None:
+        has_rest = L > Lq or kv_len > L
+        S, chunk, res_split = plan_splits(units, Lq, step, has_rest, cfg, q.device)
+    else:  # splits from the capacity; the kernel computes each split's tokens from the lengths
+        S = plan_splits(units, kv_len, step, False, cfg, q.device)[0]
+        chunk, res_split = step, -1  # unused in this mode
     single = S == 1
     if out is None:
         out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
@@ -845,13 +1001,13 @@ def decode_attention(
         om = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
         ol = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
     args = (
-        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, mask, op, om, ol, out,
+        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, mask, op, om, ol, out, lengths,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), k_scale.stride(0), k_scale.stride(1),
         vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1), rs[0], rs[1], s_m[0], s_m[1], s_m[2],
         Lq, L, kv_len, chunk, res_split, S, sm_scale * LOG2E, rep,
     )
     common = dict(KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, HEAD_DIM=D, D_PAD=D_PAD,
-                  BLOCK_N=block_n, MASK_KIND=mask_kind, SINGLE=single,
+                  BLOCK_N=block_n, MASK_KIND=mask_kind, SINGLE=single, LENGTHS_ON_DEVICE=lengths is not None,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if use_dot:
         interp = _interpreting()
@@ -878,11 +1034,20 @@ def store_spec(store, q: torch.Tensor) -> DecodeSpec:
 
 
 def decode_attention_store(q, store, attn_mask=None, kv_len=None, sm_scale=None, config=None, out=None):
-    """`decode_attention` over a kvpass KVStore (kvpass/store.py)."""
+    """`decode_attention` over a kvpass KVStore (kvpass/store.py). A store in device-lengths mode
+    (`store.device_lengths` not None) is read through its device lengths and whole window buffers
+    (capturable; kv_len required); otherwise through its host lengths and window views."""
     kb, vb = store.keys.buffers, store.values.buffers
+    lengths = getattr(store, "device_lengths", None)
+    if lengths is not None:
+        if kv_len is None:
+            raise ValueError("kvpass decode kernel: a store with device lengths needs kv_len (its static width)")
+        res_k, res_v, Lq, L = store.window_k, store.window_v, None, None  # no host length: no sync
+    else:
+        res_k, res_v, Lq, L = store.res_k, store.res_v, store.quantized_length, store.length
     return decode_attention(
-        q, kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"], store.res_k, store.res_v,
+        q, kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"], res_k, res_v,
         key_bits=store.cfg.key_bits, value_bits=store.cfg.value_bits, group_size=store.cfg.group_size,
-        quantized_length=store.quantized_length, length=store.length, kv_len=kv_len, sm_scale=sm_scale,
-        attn_mask=attn_mask, config=config, out=out,
+        quantized_length=Lq, length=L, kv_len=kv_len, sm_scale=sm_scale,
+        attn_mask=attn_mask, config=config, out=out, lengths=lengths,
     )
