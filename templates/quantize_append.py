@@ -229,10 +229,10 @@ def _kvpass_quantize_append(
         rest = tl.where(flush, total - n_groups * GROUP_SIZE, 0)  # no flush: the window stays put
         new_ok = (pp < tl.where(bad, 0, N_NEW))[:, None] & c_ok[None, :]  # a bad write writes nothing
         dst = (w0 + pp)[:, None] * HEAD_DIM + cc[None, :]
-        xk = tl.load(NK + b * s_nkb + h * s_nkh + pp[:, None] * s_nkt + cc[None, :], mask=new_ok)
-        xv = tl.load(NV + b * s_nvb + h * s_nvh + pp[:, None] * s_nvt + cc[None, :], mask=new_ok)
-        tl.store(WK + b * s_wkb + h * s_wkh + dst, xk.to(WK.dtype.element_ty), mask=new_ok)
-        tl.store(WV + b * s_wvb + h * s_wvh + dst, xv.to(WV.dtype.element_ty), mask=new_ok)
+        new_k = tl.load(NK + b * s_nkb + h * s_nkh + pp[:, None] * s_nkt + cc[None, :], mask=new_ok)
+        new_v = tl.load(NV + b * s_nvb + h * s_nvh + pp[:, None] * s_nvt + cc[None, :], mask=new_ok)
+        tl.store(WK + b * s_wkb + h * s_wkh + dst, new_k.to(WK.dtype.element_ty), mask=new_ok)
+        tl.store(WV + b * s_wvb + h * s_wvh + dst, new_v.to(WV.dtype.element_ty), mask=new_ok)
         tl.debug_barrier()  # the new rows are read below by other threads of this program
         if (pid_g == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
             err = tl.load(ST + 2)
