@@ -10,9 +10,11 @@ whose logical size is the whole cache) and know nothing of the store's state. Th
   * runs a call normally until one ran without touching any store's host-side state
     (`kvpass.store.host_path_uses` unchanged: every write was a device-lengths decode write and
     every read the decode kernel), then captures that signature's step in a CUDA graph;
-  * replays it afterwards: copies the small inputs into the captured buffers, replays, and
-    returns fresh copies of the outputs (outputs that are kvpass tokens or alias a static input
-    are returned as they are).
+  * replays it afterwards: copies the small inputs into the captured buffers, replays, copies
+    back the inputs the step updates in place (found by their version counters in the run before
+    the capture: e.g. transformers' per-layer length counters of a StaticCache), and returns
+    fresh copies of the outputs (outputs that are kvpass tokens or alias a static input are
+    returned as they are).
 Signatures that keep using host-side state (dynamic caches, prefills, eager-attention models,
 the reference path) are never captured and run as compiled, after one log line saying why.
 """
@@ -46,6 +48,7 @@ class _Signature:
         self.failed = False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.copies: list[tuple[int, torch.Tensor]] = []  # (arg index, captured buffer)
+        self.mutated: set[int] = set()                # inputs the step writes in place (copied back)
         self.outputs = None
         self.keep: list[bool] = []                    # per output: returned as is (else cloned)
 
@@ -98,7 +101,9 @@ class CudaGraphRunner:
         if sig.failed:
             return self.fn(*args)
         before = kv_store.host_path_uses()
+        versions = [a._version if isinstance(a, torch.Tensor) else None for a in args]
         out = self.fn(*args)
+        sig.mutated = {i for i, (a, v) in enumerate(zip(args, versions)) if v is not None and a._version != v}
         if kv_store.host_path_uses() != before:
             sig.dirty_runs += 1
             if sig.dirty_runs > _MAX_DIRTY_RUNS:
@@ -145,6 +150,9 @@ class CudaGraphRunner:
         for i, buf in sig.copies:
             buf.copy_(args[i])
         sig.graph.replay()
+        for i, buf in sig.copies:
+            if i in sig.mutated:  # the step updates this input in place (e.g. a cache's length counter)
+                args[i].copy_(buf)
         self.replays += 1
         outs = _as_list(sig.outputs)
         fresh = [o if k else o.clone() for o, k in zip(outs, sig.keep)]
