@@ -315,6 +315,7 @@ def main():
                     help="kvpass2 (DynamicCache), kvpass2_static_graphs (StaticCache, mode='reduce-overhead'), "
                          "bf16_static (Inductor), bf16_static_graphs (Inductor, mode='reduce-overhead')")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--no-extras", action="store_true", help="skip the host-overhead and largest-batch measurements")
     ap.add_argument("--only-extras", action="store_true", help="host overheads + largest batch, no model runs")
     ap.add_argument("--skip-kvpass", action="store_true")
     ap.add_argument("--dry", action="store_true", help="CPU, tiny model, eager compilers (script check only)")
@@ -347,10 +348,11 @@ def main():
     if args.only_extras:
         configs = []
     extras = {}
-    try:
-        extras["host_overheads"] = host_overheads(cfg)
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
+    if not args.no_extras:
+        try:
+            extras["host_overheads"] = host_overheads(cfg)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
     kinds = args.kinds.split(",")
     for P, B in configs:
         for kind in kinds:
@@ -390,11 +392,12 @@ def main():
             if not DRY:
                 torch.cuda.empty_cache()
     lb = {}
-    try:
-        lb = largest_batch(cfg, weights)
-        print("largest batch at 16k:", lb)
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
+    if not args.no_extras:
+        try:
+            lb = largest_batch(cfg, weights)
+            print("largest batch at 16k:", lb)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
     cols = ["gpu", "date", "torch", "triton", "kind", "prompt", "batch", "tokens_per_s", "ms_per_step", "peak_gb", "note"]
     extra = sorted({k for r in rows for k in r} - set(cols))
     name = "decode.csv" if rows else "decode_extras.csv"
