@@ -55,7 +55,7 @@ def make_store(B, H, T, D=128, bits=2, G=32, R=128):
 
 def configs():
     rows = [da.DecodeConfig(use_dot=False, block_n=bn, num_warps=w, ctas_per_sm=c, min_groups_per_split=m, num_stages=s)
-            for bn, w, c, m, s in itertools.product((64, 128, 256), (4, 8), (2, 4, 8, 16), (1, 4), (1, 2))]
+            for bn, w, c, m, s in itertools.product((64, 128, 256), (4, 8), (2, 4, 8, 16), (1, 4), (2,))]
     dots = [da.DecodeConfig(use_dot=True, block_n=32, num_warps=w, ctas_per_sm=c, pad_heads=16, num_stages=s)
             for w, c, s in itertools.product((2, 4), (4, 8, 16, 32), (2, 3))]
     return rows + dots
