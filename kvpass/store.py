@@ -23,8 +23,16 @@ Two append paths with bit-identical results (`lowering/dispatch.py` picks one pe
         place, and a flush is one launch of templates/quantize_append.py that encodes the oldest
         whole groups straight into the part buffers and shifts the rest of the window down. A
         write that does not fit (a prefill) concatenates window and new tokens first (torch).
+Device-lengths mode (`enable_device_lengths`, used for static caches when the kernels apply): Lq and L
+also live in `device_lengths` (int32 [4] = Lq, L, error, spare) and every buffer is allocated up front
+(parts for the cache's capacity, a window of R + 2G tokens). A decode write (`append_at`) is one
+launch of the quantize-append kernel in its FROM_STATE mode, which reads the lengths and the cache
+positions on the device, writes the token, flushes when due and updates the lengths there; the
+decode kernel reads them there too. Nothing on that path reads a length on the host, so it can be
+replayed from a CUDA graph (kvpass/cudagraph.py). Host-side users (prefill appends, truncate, reads,
+`length`) first sync the host fields from the device (`_host_view`, counted by `host_path_uses`).
 Reads (`read_keys` / `read_values`: multi-token queries, eager-attention models) are routed the same
-way: the codecs' fp32 dequantize, a cast and `torch.cat` with the window and zeros (reference), or
+way as appends: the codecs' fp32 dequantize, a cast and `torch.cat` with the window and zeros (reference), or
 one launch of templates/dequantize.py that writes the whole [B, H, kv_len, D] result (bit-identical).
 """
 from __future__ import annotations
