@@ -87,11 +87,11 @@ def decode_loop(step, first, cache, steps, warmup, start_pos, static):
     return time.perf_counter() - t0, tok
 
 
-def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd):
+def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0):
     from transformers import StaticCache
 
     ids = torch.randint(0, cfg.vocab_size, (B, P), device=DEV)
-    cache = StaticCache(config=cfg, max_cache_len=P + warmup + steps)
+    cache = StaticCache(config=cfg, max_cache_len=P + warmup + steps + spare_slots)
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
                     cache_position=torch.arange(P, device=DEV))
@@ -123,27 +123,15 @@ def run_kvpass(model, cfg, P, B, steps, warmup, compiled_fwd, profile=False):
 
 
 def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd):
-    """kvpass on a StaticCache: the store keeps its lengths on the device, so under
-    mode="reduce-overhead" kvpass's CudaGraphRunner replays whole decode steps. The eager prefill
-    fills the StaticCache's bf16 buffers, which stay allocated (they count in peak memory); the
-    first compiled step ingests them into the quantized store."""
-    from transformers import StaticCache
-
+    """kvpass on a StaticCache (the baseline's loop): the store keeps its lengths on the device, so
+    under mode="reduce-overhead" kvpass's CudaGraphRunner replays whole decode steps. The eager
+    prefill fills the StaticCache's bf16 buffers, which stay allocated (they count in peak memory);
+    the first compiled step ingests them into the quantized store."""
     from kvpass import cudagraph
 
-    ids = torch.randint(0, cfg.vocab_size, (B, P), device=DEV)
-    cache = StaticCache(config=cfg, max_cache_len=P + warmup + steps + 8)
-    with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                    cache_position=torch.arange(P, device=DEV))
-        first = out.logits[:, -1:].argmax(-1)
-        del out
-        peak_reset()
-        before = cudagraph.total_replays()
-        secs, _ = decode_loop(compiled_fwd, first, cache, steps, warmup, P, static=True)
-        replays = cudagraph.total_replays() - before
-    res = dict(tokens_per_s=B * steps / secs, ms_per_step=secs / steps * 1e3, peak_gb=peak_gb(), graph_replays=replays)
-    del cache
+    before = cudagraph.total_replays()
+    res = run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=8)
+    res["graph_replays"] = cudagraph.total_replays() - before
     return res
 
 
