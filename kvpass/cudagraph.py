@@ -6,7 +6,7 @@ they copy every non-parameter input into a static buffer (a static cache's stand
 whose logical size is the whole cache) and know nothing of the store's state. The runner:
   * keys each call by its input signature (shapes, dtypes, strides of the inputs it copies, and
     the addresses of the inputs it does not: parameters, buffers, tensors Dynamo marked static,
-    kvpass stand-ins and tokens, and anything over 16 MiB);
+    kvpass stand-ins and tokens (with the identity of their store), and anything over 16 MiB);
   * runs a call normally until one ran without touching any store's host-side state
     (`kvpass.store.host_path_uses` unchanged: every write was a device-lengths decode write and
     every read the decode kernel), then captures that signature's step in a CUDA graph;
@@ -36,7 +36,7 @@ _MAX_DIRTY_RUNS = 3           # runs using host-side store state before a signat
 
 def _is_static(t: torch.Tensor) -> bool:
     return (isinstance(t, torch.nn.Parameter) or getattr(t, "_dynamo_static_input_type", None) is not None
-            or t.numel() * t.element_size() > _BIG_INPUT_BYTES or kv_store.lookup(t) is not None)
+            or t.numel() * t.element_size() > _BIG_INPUT_BYTES)
 
 
 class _Signature:
@@ -49,6 +49,7 @@ class _Signature:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.copies: list[tuple[int, torch.Tensor]] = []  # (arg index, captured buffer)
         self.mutated: set[int] = set()                # inputs the step writes in place (copied back)
+        self.stores: list = []                        # weak references to the stores it recorded
         self.outputs = None
         self.keep: list[bool] = []                    # per output: returned as is (else cloned)
 
@@ -72,30 +73,42 @@ class CudaGraphRunner:
         self.replays = 0
         self.disabled = False
 
-    def _key(self, args) -> tuple[tuple, list[int]]:
-        parts, static_idx = [], []
+    def _key(self, args) -> tuple[tuple, list[int], list]:
+        """(signature, indices of inputs used in place, the kvpass stores the inputs stand for).
+        A stand-in's key holds its store's id: a graph recorded the addresses of that store's
+        buffers, so another store behind a reused stand-in address must not replay it."""
+        parts, static_idx, stores = [], [], []
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
-                if _is_static(a):
+                store = kv_store.lookup(a)
+                if store is not None:
+                    stores.append(store)
+                if store is not None or _is_static(a):
                     static_idx.append(i)
-                    parts.append((i, "s", a.data_ptr(), tuple(a.shape), a.dtype))
+                    parts.append((i, "s", a.data_ptr(), tuple(a.shape), a.dtype, id(store)))
                 else:
                     parts.append((i, "c", tuple(a.shape), a.stride(), a.dtype, a.device))
             else:
                 parts.append((i, "v", a))
-        return tuple(parts), static_idx
+        return tuple(parts), static_idx, stores
 
     def __call__(self, *args):
         if self.disabled:
             return self.fn(*args)
-        key, static_idx = self._key(args)
+        key, static_idx, stores = self._key(args)
         sig = self.signatures.get(key)
+        if sig is not None and any(ref() is None for ref in sig.stores):
+            del self.signatures[key]  # a store it recorded died (an id can be reused only then)
+            sig = None
         if sig is None:
+            for k in [k for k, old in self.signatures.items() if any(ref() is None for ref in old.stores)]:
+                del self.signatures[k]  # graphs of dead stores: free them
             if len(self.signatures) >= _MAX_SIGNATURES:
                 self.disabled = True
                 log.info("kvpass: %s: over %d input signatures, CUDA graphs off for it", self.name, _MAX_SIGNATURES)
                 return self.fn(*args)
             sig = self.signatures[key] = _Signature()
+            sig.stores = [weakref.ref(st) for st in stores]
         if sig.graph is not None:
             return self._replay(sig, args)
         if sig.failed:

@@ -225,3 +225,27 @@ def test_inductor_path_matches_simulation_tokens():
     got = model.generate(ids, **GEN)
     assert kvpass.explain(b).rewritten == 2
     assert torch.equal(sim, got)
+
+
+def test_cuda_graph_runner_never_replays_a_dead_store(monkeypatch):
+    """A captured step recorded a store's buffer addresses: once that store is gone, a new store
+    whose stand-in reuses the address must get a fresh signature, not the old graph."""
+    import gc
+
+    from kvpass import cudagraph, store as kv_store
+    from kvpass.store import KVStore, StoreConfig
+
+    captured = []
+    monkeypatch.setattr(cudagraph.CudaGraphRunner, "_capture", lambda self, sig, args, idx: captured.append(sig))
+    runner = cudagraph.CudaGraphRunner(lambda x: x, name="stores")
+    standin = torch.full((4,), float("nan"))
+    st = KVStore(StoreConfig(4, 4, 8, 8), 1, 1, 16, 16, torch.float32, "cpu")
+    kv_store.register(standin, st)
+    runner(standin)
+    first = captured[-1]
+    assert first.stores[0]() is st
+    del st
+    gc.collect()
+    kv_store.register(standin, KVStore(StoreConfig(4, 4, 8, 8), 1, 1, 16, 16, torch.float32, "cpu"))
+    runner(standin)
+    assert captured[-1] is not first and len(runner.signatures) == 1
