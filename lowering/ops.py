@@ -115,13 +115,13 @@ def kv_write(
     else:
         store = lookup(anchor_k)
         if store is not None and store.cfg == cfg and store.can_append_on_device(k_new.shape[2]):
-            # decode step with device-side lengths: no host sync (CUDA-graph capturable)
             from kvpass.lowering import dispatch
 
             kernels = dispatch.quantize_append_kernel(store)
-            store.check_compatible(k_new, v_new)
-            store.append_at(k_new, v_new, positions, kernels)
-            return new_token(store)
+            if kernels is not None:  # decode step with device-side lengths: no host sync (CUDA-graph capturable)
+                store.check_compatible(k_new, v_new)
+                store.append_at(k_new, v_new, positions, kernels)
+                return new_token(store)
         past_len = _start_position(positions)
     store = _store_for(anchor_k, anchor_v, k_new, v_new, cfg, past_len, static=positions is not None)
     store.append(k_new, v_new)
