@@ -202,8 +202,7 @@ class KVStore:
 
     def _host_view(self):
         """Make the host fields (part token counts, res_k/res_v) current; counts a host-path use."""
-        global _host_path_uses
-        _host_path_uses += 1
+        count_host_path_use()
         if not self._host_stale:
             return
         Lq, L, err, _ = self.device_lengths.tolist()  # a device sync: never on the decode path
@@ -358,7 +357,7 @@ class KVStore:
 
     def nbytes(self) -> int:
         """Bytes this store holds on its device: the parts' allocated capacity and the residual window's
-        tokens (the kernel path's preallocated window buffer, R + G token slots, counts the tokens it
+        tokens (the kernel path's preallocated window buffer, R + 2G token slots, counts the tokens it
         holds, so both append paths report the same bytes)."""
         self._host_view()
         res = self.res_k.numel() * self.res_k.element_size() + self.res_v.numel() * self.res_v.element_size()
@@ -400,9 +399,11 @@ def lookup(t: torch.Tensor) -> KVStore | None:
     """The store whose stand-in, token or buffer `t` is, or None."""
     if t.numel() == 0:
         return None
-    ptr, ref = _key(t)
-    entry = _REGISTRY.get(ptr)
-    if entry is None or entry[0].expired() or entry[0].cdata != ref.cdata:
+    storage = t.untyped_storage()
+    entry = _REGISTRY.get(storage.data_ptr())
+    if entry is None:  # the common case (the CUDA-graph runner asks for every input): no weak ref built
+        return None
+    if entry[0].expired() or entry[0].cdata != StorageWeakRef(storage).cdata:
         return None
     return entry[1]
 
