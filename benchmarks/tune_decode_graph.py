@@ -2,9 +2,10 @@
 device-lengths mode, `decode_attention_store` captured in a CUDA graph (no host launch gaps), vs
 bf16 SDPA captured the same way, at the shapes of the end-to-end benchmark.
 
-    PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384] [--kinds all|rows|dot]
+        [--out DIR] [--name tune_graph.csv]
 
-Writes tune_graph.csv (one row per shape x config: microseconds per call, median of 5 graph
+Writes --name (one row per shape x config: microseconds per call, median of 5 graph
 replays of 20 calls each) and prints the best config per shape.
 """
 from __future__ import annotations
@@ -53,18 +54,20 @@ def make_store(B, H, T, D=128, bits=2, G=32, R=128):
     return st
 
 
-def configs():
-    rows = [da.DecodeConfig(use_dot=False, block_n=bn, num_warps=w, ctas_per_sm=c, min_groups_per_split=m, num_stages=s)
-            for bn, w, c, m, s in itertools.product((64, 128, 256), (4, 8), (2, 4, 8, 16), (1, 4), (2,))]
+def configs(kinds: str = "all"):
+    rows = [da.DecodeConfig(use_dot=False, block_n=bn, num_warps=w, ctas_per_sm=c, min_groups_per_split=1)
+            for bn, w, c in itertools.product((32, 64, 128), (2, 4, 8), (4, 8, 16))]
     dots = [da.DecodeConfig(use_dot=True, block_n=32, num_warps=w, ctas_per_sm=c, pad_heads=16, num_stages=s)
             for w, c, s in itertools.product((2, 4), (4, 8, 16, 32), (2, 3))]
-    return rows + dots
+    return {"rows": rows, "dot": dots, "all": rows + dots}[kinds]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x32x32768,8x32x16384")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot"))
+    ap.add_argument("--name", default="tune_graph.csv", help="CSV file name under --out")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_properties(0).name
     date = datetime.date.today().isoformat()
@@ -81,7 +84,7 @@ def main():
         default = graph_us(lambda: da.decode_attention_store(q, st, kv_len=kv_len))
         print(f"{shape}: sdpa {sdpa:.1f} us, default config {default:.1f} us", flush=True)
         best = None
-        for cfg in configs():
+        for cfg in configs(args.kinds):
             try:
                 us = graph_us(lambda: da.decode_attention_store(q, st, kv_len=kv_len, config=cfg))
             except Exception as e:  # noqa: BLE001  (a config the compiler rejects: recorded, skipped)
@@ -96,7 +99,7 @@ def main():
         del st
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "tune_graph.csv"), "w", newline="") as f:
+    with open(os.path.join(args.out, args.name), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(out_rows[0]))
         w.writeheader()
         w.writerows(out_rows)

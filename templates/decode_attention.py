@@ -191,43 +191,139 @@ def get_config(spec: DecodeSpec, length: int) -> DecodeConfig:
 
 
 @triton.jit
-def _plane(w, K: tl.constexpr, BITS: tl.constexpr):
+def _plane(w, K: tl.constexpr, BITS: tl.constexpr, RAW: tl.constexpr = 0):
     """Code k of every int32 word of w, as an exact fp32 value (same shape and layout as w).
 
     Code k sits at bit POS = k * BITS. A code in the high half is shifted down by 16 first (one
     shift per word, shared by all high codes), so it lands at LOW < 16, inside the 23-bit mantissa
     of 2**23: OR 0x4B000000 gives the float 2**23 + code * 2**LOW, and one FMA with constants,
-    f * 2**-LOW - 2**(23 - LOW), yields the code exactly. No int->float conversion instruction."""
+    f * 2**-LOW - 2**(23 - LOW), yields the code exactly. No int->float conversion instruction.
+    RAW = 1 returns code * 2**LOW instead (exact, one FADD with an immediate; the caller folds
+    2**-LOW elsewhere, `_low_scale`). RAW = 2 is RAW 1 for w = (xl, xh), the word and its high
+    half already ORed with the magic (`_magic_halves`): then one AND with a single immediate
+    extracts a code, so no mask constant has to live in a register."""
     POS: tl.constexpr = K * BITS
     SH: tl.constexpr = (POS // 16) * 16
     LOW: tl.constexpr = POS - SH
     MASK: tl.constexpr = ((1 << BITS) - 1) << LOW
     SCALE: tl.constexpr = 1.0 / (1 << LOW)
     OFFSET: tl.constexpr = 8388608.0 / (1 << LOW)
-    if SH > 0:
-        x = w >> SH
+    if RAW == 2:
+        if SH > 0:
+            out = (w[1] & (MASK | 0x4B000000)).to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            out = (w[0] & (MASK | 0x4B000000)).to(tl.float32, bitcast=True) - 8388608.0
     else:
-        x = w
-    f = ((x & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
-    return f * SCALE - OFFSET
+        if SH > 0:
+            x = w >> SH
+        else:
+            x = w
+        f = ((x & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+        if RAW == 1:
+            out = f - 8388608.0
+        else:
+            out = f * SCALE - OFFSET
+    return out
 
 
 @triton.jit
-def _unpack(w, BITS: tl.constexpr):
+def _magic_halves(w):
+    """The low and the high half of w under the magic's exponent byte, (w & 0xFFFF) | 0x4B000000
+    and (w >> 16) | 0x4B000000, each one byte permute (PTX prmt) for `_plane` RAW 2. An OR would be
+    folded back into every code's AND by LLVM or ptxas (two constants per code, one of them held
+    in a register); after a prmt each code is one AND with a single immediate."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 m; mov.b32 m, 0x4B000000; prmt.b32 $0, $2, m, 0x7410; prmt.b32 $1, $2, m, 0x7432; }",
+        "=r,=r,r", [w], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _split_planes(x, BITS: tl.constexpr):
+    """x [..., NW * KP] in natural channel order (KP = 32 // BITS codes per word) -> the tuple of its
+    KP planes [..., NW], plane k = channels w * KP + k (the layout of `_plane`'s output)."""
+    KP: tl.constexpr = 32 // BITS
+    if BITS == 2:
+        y = tl.reshape(x, x.shape[:-1] + [x.shape[-1] // KP, 2, 2, 2, 2])
+        e, o = tl.split(y)            # k % 2
+        e0, e1 = tl.split(e)          # (k // 2) % 2
+        o0, o1 = tl.split(o)
+        e00, e01 = tl.split(e0)
+        e10, e11 = tl.split(e1)
+        o00, o01 = tl.split(o0)
+        o10, o11 = tl.split(o1)
+        p0, p8 = tl.split(e00)
+        p4, p12 = tl.split(e01)
+        p2, p10 = tl.split(e10)
+        p6, p14 = tl.split(e11)
+        p1, p9 = tl.split(o00)
+        p5, p13 = tl.split(o01)
+        p3, p11 = tl.split(o10)
+        p7, p15 = tl.split(o11)
+        return (p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15)
+    elif BITS == 4:
+        y = tl.reshape(x, x.shape[:-1] + [x.shape[-1] // KP, 2, 2, 2])
+        e, o = tl.split(y)
+        e0, e1 = tl.split(e)
+        o0, o1 = tl.split(o)
+        p0, p4 = tl.split(e0)
+        p2, p6 = tl.split(e1)
+        p1, p5 = tl.split(o0)
+        p3, p7 = tl.split(o1)
+        return (p0, p1, p2, p3, p4, p5, p6, p7)
+    else:
+        y = tl.reshape(x, x.shape[:-1] + [x.shape[-1] // KP, 2, 2])
+        e, o = tl.split(y)
+        p0, p2 = tl.split(e)
+        p1, p3 = tl.split(o)
+        return (p0, p1, p2, p3)
+
+
+@triton.jit
+def _dot_planes(w, qs, BITS: tl.constexpr, RAW: tl.constexpr):
+    """sum over channels of code * qs for words w [KG, T, NW] and qs [KG, NW * KP] (natural order):
+    [KG, T]. One FMA chain per word over its KP codes (a tree reduction over all channels would
+    cost a separate multiply and add per code), then a sum over the NW words."""
+    KP: tl.constexpr = 32 // BITS
+    if RAW == 2:
+        src = _magic_halves(w)
+    else:
+        src = w
+    qp = _split_planes(qs, BITS)
+    acc = _plane(src, 0, BITS, RAW) * qp[0][:, None, :]
+    for k in tl.static_range(1, KP):
+        acc += _plane(src, k, BITS, RAW) * qp[k][:, None, :]
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def _low_scale(d, BITS: tl.constexpr):
+    """2**-LOW of channel d (natural order) for `_plane`'s RAW codes: code k of a word sits at bit
+    LOW = (k * BITS) % 16 after the high-half shift. Built from exponent bits (no exp2)."""
+    low = ((d % (32 // BITS)) * BITS) % 16
+    return ((127 - low) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unpack(w, BITS: tl.constexpr, RAW: tl.constexpr = 0):
     """int32 words [..., NW] -> fp32 codes [..., NW, 2, 2(, 2(, 2))] whose row-major flattening of
     the trailing dims is the natural channel order (channel = word * (32 // BITS) + k).
+    RAW: see `_plane` (RAW 2 takes the plain words here and prepares them itself).
 
     Built with tl.join, which adds an in-thread minor dim: each thread unpacks the words it
     loaded into registers, with no data exchange between threads."""
+    if RAW == 2:
+        src = _magic_halves(w)
+    else:
+        src = w
     if BITS == 2:
-        a0 = tl.join(_plane(w, 0, 2), _plane(w, 8, 2))
-        a1 = tl.join(_plane(w, 1, 2), _plane(w, 9, 2))
-        a2 = tl.join(_plane(w, 2, 2), _plane(w, 10, 2))
-        a3 = tl.join(_plane(w, 3, 2), _plane(w, 11, 2))
-        a4 = tl.join(_plane(w, 4, 2), _plane(w, 12, 2))
-        a5 = tl.join(_plane(w, 5, 2), _plane(w, 13, 2))
-        a6 = tl.join(_plane(w, 6, 2), _plane(w, 14, 2))
-        a7 = tl.join(_plane(w, 7, 2), _plane(w, 15, 2))
+        a0 = tl.join(_plane(src, 0, 2, RAW), _plane(src, 8, 2, RAW))
+        a1 = tl.join(_plane(src, 1, 2, RAW), _plane(src, 9, 2, RAW))
+        a2 = tl.join(_plane(src, 2, 2, RAW), _plane(src, 10, 2, RAW))
+        a3 = tl.join(_plane(src, 3, 2, RAW), _plane(src, 11, 2, RAW))
+        a4 = tl.join(_plane(src, 4, 2, RAW), _plane(src, 12, 2, RAW))
+        a5 = tl.join(_plane(src, 5, 2, RAW), _plane(src, 13, 2, RAW))
+        a6 = tl.join(_plane(src, 6, 2, RAW), _plane(src, 14, 2, RAW))
+        a7 = tl.join(_plane(src, 7, 2, RAW), _plane(src, 15, 2, RAW))
         b0 = tl.join(a0, a4)
         b1 = tl.join(a1, a5)
         b2 = tl.join(a2, a6)
@@ -236,16 +332,16 @@ def _unpack(w, BITS: tl.constexpr):
         c1 = tl.join(b1, b3)
         return tl.join(c0, c1)
     elif BITS == 4:
-        a0 = tl.join(_plane(w, 0, 4), _plane(w, 4, 4))
-        a1 = tl.join(_plane(w, 1, 4), _plane(w, 5, 4))
-        a2 = tl.join(_plane(w, 2, 4), _plane(w, 6, 4))
-        a3 = tl.join(_plane(w, 3, 4), _plane(w, 7, 4))
+        a0 = tl.join(_plane(src, 0, 4, RAW), _plane(src, 4, 4, RAW))
+        a1 = tl.join(_plane(src, 1, 4, RAW), _plane(src, 5, 4, RAW))
+        a2 = tl.join(_plane(src, 2, 4, RAW), _plane(src, 6, 4, RAW))
+        a3 = tl.join(_plane(src, 3, 4, RAW), _plane(src, 7, 4, RAW))
         b0 = tl.join(a0, a2)
         b1 = tl.join(a1, a3)
         return tl.join(b0, b1)
     else:
-        a0 = tl.join(_plane(w, 0, 8), _plane(w, 2, 8))
-        a1 = tl.join(_plane(w, 1, 8), _plane(w, 3, 8))
+        a0 = tl.join(_plane(src, 0, 8, RAW), _plane(src, 2, 8, RAW))
+        a1 = tl.join(_plane(src, 1, 8, RAW), _plane(src, 3, 8, RAW))
         return tl.join(a0, a1)
 
 
@@ -482,7 +578,7 @@ def _kvpass_decode_rows(
     Lq, L, KV_LEN, chunk, res_split, NUM_SPLITS_RT, qk_scale, REP,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr,
+    MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr, USE_ASM: tl.constexpr = False,
 ):
     """CUDA-core variant: one query head per program; each thread owns whole token rows, so the
     q.k dot is an in-thread FMA chain and P.V accumulates per row in registers (rows are summed
@@ -500,6 +596,7 @@ def _kvpass_decode_rows(
 
     KPK: tl.constexpr = 32 // KEY_BITS
     KPV: tl.constexpr = 32 // VALUE_BITS
+    RAW: tl.constexpr = 2 if USE_ASM else 1      # codes unpacked as code * 2**LOW (`_plane`)
     NWK: tl.constexpr = HEAD_DIM // KPK          # key words per token (row stride of KC)
     NWK_PAD: tl.constexpr = D_PAD // KPK
     NWV: tl.constexpr = HEAD_DIM // KPV
@@ -518,7 +615,11 @@ def _kvpass_decode_rows(
 
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
-    q = tl.load(Q + pid_b * s_qb + hq * s_qh + d, mask=d_ok, other=0.0).to(tl.float32)
+    q = tl.load(Q + pid_b * s_qb + hq * s_qh + d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale
+    # Codes are unpacked raw (code * 2**LOW, `_plane` RAW): the 2**-LOW of each channel is folded
+    # into q for keys and applied to the accumulator once at the end for values (exact scalings).
+    qk = q * _low_scale(d, KEY_BITS)
+    v_low = _low_scale(d, VALUE_BITS)
     mask_row = pid_b * s_mb + hq * s_mh
 
     m = tl.full([], float("-inf"), tl.float32)
@@ -551,12 +652,12 @@ def _kvpass_decode_rows(
         else:
             kw = tl.load(kc_base + ktok[:, :, None] * NWK + wk[None, None, :],
                          mask=kt_ok[:, :, None] & (wk < NWK)[None, None, :], other=0)
-        kcode = tl.reshape(_unpack(kw, KEY_BITS), (KGROUPS, TPG, D_PAD))
+
         ks = tl.load(KS + ks_base + grp[:, None] * HEAD_DIM + d[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
         kz = tl.load(KZ + ks_base + grp[:, None] * HEAD_DIM + d[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
-        qs = q[None, :] * ks * qk_scale                                        # [KGROUPS, D_PAD]
-        qz = tl.sum(q[None, :] * kz, axis=1) * qk_scale                        # [KGROUPS]
-        s = tl.sum(kcode * qs[:, None, :], axis=2) + qz[:, None]               # [KGROUPS, TPG]
+        qs = qk[None, :] * ks                                                  # [KGROUPS, D_PAD]
+        qz = tl.sum(q[None, :] * kz, axis=1)                                   # [KGROUPS]
+        s = _dot_planes(kw, qs, KEY_BITS, RAW) + qz[:, None]                   # [KGROUPS, TPG]
         s = tl.reshape(s, (BLOCK_N,))
         tok = t0 + rows
         tok_ok = tok < end
@@ -569,7 +670,7 @@ def _kvpass_decode_rows(
             vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None], other=0)
         else:
             vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None] & (wv < NWV)[None, :], other=0)
-        vcode = tl.reshape(_unpack(vw, VALUE_BITS), (BLOCK_N, NG_PAD, GROUP_SIZE))
+        vcode = tl.reshape(_unpack(vw, VALUE_BITS, RAW), (BLOCK_N, NG_PAD, GROUP_SIZE))
         vsc = tl.load(VS + vs_base + tok[:, None] * NG + g_idx[None, :], mask=tok_ok[:, None] & (g_idx < NG)[None, :], other=0.0)
         vze = tl.load(VZ + vs_base + tok[:, None] * NG + g_idx[None, :], mask=tok_ok[:, None] & (g_idx < NG)[None, :], other=0.0)
         acc += (p[:, None] * vsc.to(tl.float32))[:, :, None] * vcode
@@ -586,12 +687,12 @@ def _kvpass_decode_rows(
             in_res = tok < w_end
             r = tok - Lq
             k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * qk_scale
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
             s += _mask_bias(MASK, mask_row, tok, in_res, s_mk, MASK_KIND)
             s = tl.where(in_res, s, float("-inf"))
             p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
             v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-            acc += p[:, None, None] * tl.reshape(v.to(tl.float32), (BLOCK_N, NG_PAD, GROUP_SIZE))
+            acc += p[:, None, None] * tl.reshape(v.to(tl.float32) / v_low[None, :], (BLOCK_N, NG_PAD, GROUP_SIZE))
         t_start, t_end = _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT)
         if MASK_KIND == 0:   # score 0, value 0: closed form
             m, acc, accz, l_r = _zero_tail_rows(t_end - t_start, m, acc, accz, l_r, rows)
@@ -612,15 +713,15 @@ def _kvpass_decode_rows(
                 tok_ok = tok < KV_LEN
                 r = tok - Lq
                 k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-                s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * qk_scale
+                s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
                 s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
                 s = tl.where(tok_ok, s, float("-inf"))
                 p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
                 v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-                acc += p[:, None, None] * tl.reshape(v.to(tl.float32), (BLOCK_N, NG_PAD, GROUP_SIZE))
+                acc += p[:, None, None] * tl.reshape(v.to(tl.float32) / v_low[None, :], (BLOCK_N, NG_PAD, GROUP_SIZE))
 
     l_sum = tl.sum(l_r, axis=0)
-    o = tl.reshape(tl.sum(acc, axis=0) + tl.sum(accz, axis=0)[:, None], (D_PAD,))
+    o = tl.reshape(tl.sum(acc, axis=0), (D_PAD,)) * v_low + tl.reshape(tl.broadcast_to(tl.sum(accz, axis=0)[:, None], (NG_PAD, GROUP_SIZE)), (D_PAD,))
     if SINGLE:
         tl.store(OUT + (pid_b * tl.num_programs(1) * REP + hq) * HEAD_DIM + d, (o / l_sum).to(OUT.dtype.element_ty), mask=d_ok)
     else:
@@ -1009,12 +1110,12 @@ def decode_attention(
     common = dict(KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, HEAD_DIM=D, D_PAD=D_PAD,
                   BLOCK_N=block_n, MASK_KIND=mask_kind, SINGLE=single, LENGTHS_ON_DEVICE=lengths is not None,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    interp = _interpreting()
     if use_dot:
-        interp = _interpreting()
         _launch(_kvpass_decode_dot, (S, H, B), args, dict(common, HB=max(cfg.pad_heads, _next_pow2(rep)), EMULATE_DOT=interp,
                 USE_ASM=(not interp) and q.dtype != torch.float32 and cfg.use_asm))
     else:
-        _launch(_kvpass_decode_rows, (rep * S, H, B), args, common)
+        _launch(_kvpass_decode_rows, (rep * S, H, B), args, dict(common, USE_ASM=(not interp) and cfg.use_asm))
     if not single:
         _launch(_kvpass_decode_reduce, (B * Hq,), (op, om, ol, out, S),
                 dict(HEAD_DIM=D, D_PAD=D_PAD, S_POW2=max(2, _next_pow2(S)), num_warps=4))

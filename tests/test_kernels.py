@@ -234,10 +234,11 @@ def test_many_splits_and_poisoned_output():
 def test_asm_and_portable_unpack_agree(kb, vb, dtype):
     st = _make_store(2, 4, 128, 600, kb, vb, 32, 128, dtype, kb + vb)
     q = _q(2, 16, 128, dtype, 1)
-    a = da.decode_attention_store(q, st, config=da.DecodeConfig(use_asm=True))
-    b = da.decode_attention_store(q, st, config=da.DecodeConfig(use_asm=False))
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
-    _check(q, st, config=da.DecodeConfig(use_asm=True))
+    for use_dot in (True, False):
+        a = da.decode_attention_store(q, st, config=da.DecodeConfig(use_asm=True, use_dot=use_dot))
+        b = da.decode_attention_store(q, st, config=da.DecodeConfig(use_asm=False, use_dot=use_dot))
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        _check(q, st, config=da.DecodeConfig(use_asm=True, use_dot=use_dot))
 
 
 def test_static_asserts_reject_invalid_specs():
