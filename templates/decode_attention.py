@@ -487,6 +487,34 @@ def _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND: tl.constexpr):
         return tl.zeros(tok.shape, tl.float32)
 
 
+@triton.jit
+def _rows_step_loads(t0, end, kc_base, KS, KZ, ks_base, vc_base, VS, VZ, vs_base, gi, ti, rows, wk, wv, g_idx, d,
+                     HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, TPG: tl.constexpr, NWK: tl.constexpr,
+                     NWK_PAD: tl.constexpr, NWV: tl.constexpr, NWV_PAD: tl.constexpr, NG: tl.constexpr):
+    """The rows kernel's loads of the step at t0 (tokens >= end masked, also whole steps past end):
+    key words [KGROUPS, TPG, NWK_PAD], the steps' key-group scale and zero [KGROUPS, D_PAD], value
+    words [BLOCK_N, NWV_PAD] and value scale and zero [BLOCK_N, NG_PAD] (storage dtypes)."""
+    ktok = t0 + gi[:, None] * TPG + ti[None, :]                                # [KGROUPS, TPG]
+    kmask = (ktok < end)[:, :, None]
+    if NWK_PAD != NWK:
+        kmask = kmask & (wk < NWK)[None, None, :]
+    kw = tl.load(kc_base + ktok[:, :, None] * NWK + wk[None, None, :], mask=kmask, other=0)
+    grp = t0 // GROUP_SIZE + gi                                                # [KGROUPS]
+    gmask = (d < HEAD_DIM)[None, :] & (t0 + gi * GROUP_SIZE < end)[:, None]   # the group's first token
+    ks = tl.load(KS + ks_base + grp[:, None] * HEAD_DIM + d[None, :], mask=gmask, other=0.0)
+    kz = tl.load(KZ + ks_base + grp[:, None] * HEAD_DIM + d[None, :], mask=gmask, other=0.0)
+    tok = t0 + rows
+    tok_ok = tok < end
+    vmask = tok_ok[:, None]
+    if NWV_PAD != NWV:
+        vmask = vmask & (wv < NWV)[None, :]
+    vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=vmask, other=0)
+    smask = tok_ok[:, None] & (g_idx < NG)[None, :]
+    vsc = tl.load(VS + vs_base + tok[:, None] * NG + g_idx[None, :], mask=smask, other=0.0)
+    vze = tl.load(VZ + vs_base + tok[:, None] * NG + g_idx[None, :], mask=smask, other=0.0)
+    return kw, ks, kz, vw, vsc, vze
+
+
 # Runtime ints that change every decode step are not specialized (no recompiles); buffer strides
 # are (their 16-divisibility gives aligned, vectorized loads and is stable as the store grows).
 _DNS = ["Lq", "L", "KV_LEN", "chunk", "res_split", "NUM_SPLITS_RT", "s_mb", "s_mh", "s_mk"]
@@ -642,21 +670,19 @@ def _kvpass_decode_rows(
     ks_base = pid_b * s_ksb + pid_h * s_ksh
     vc_base = VC + pid_b * s_vcb + pid_h * s_vch
     vs_base = pid_b * s_vsb + pid_h * s_vsh
+    # Software pipelining by hand (Triton pipelines only loads that feed a dot): the words and
+    # scales of step t0 + BLOCK_N are loaded while step t0 is computed.
+    kw_n, ks_n, kz_n, vw_n, vs_n, vz_n = _rows_step_loads(
+        start, end, kc_base, KS, KZ, ks_base, vc_base, VS, VZ, vs_base, gi, ti, rows, wk, wv, g_idx, d,
+        HEAD_DIM, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV, NWV_PAD, NG)
     for t0 in range(start, end, BLOCK_N):
+        kw, ks, kz, vw, vsc, vze = kw_n, ks_n, kz_n, vw_n, vs_n, vz_n
+        kw_n, ks_n, kz_n, vw_n, vs_n, vz_n = _rows_step_loads(
+            t0 + BLOCK_N, end, kc_base, KS, KZ, ks_base, vc_base, VS, VZ, vs_base, gi, ti, rows, wk, wv, g_idx, d,
+            HEAD_DIM, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV, NWV_PAD, NG)
         # ---- keys: [KGROUPS, TPG] tokens, scale of each group folded into q
-        ktok = t0 + gi[:, None] * TPG + ti[None, :]                          # [KGROUPS, TPG]
-        kt_ok = ktok < end
-        grp = t0 // GROUP_SIZE + gi                                            # [KGROUPS]
-        if NWK_PAD == NWK:
-            kw = tl.load(kc_base + ktok[:, :, None] * NWK + wk[None, None, :], mask=kt_ok[:, :, None], other=0)
-        else:
-            kw = tl.load(kc_base + ktok[:, :, None] * NWK + wk[None, None, :],
-                         mask=kt_ok[:, :, None] & (wk < NWK)[None, None, :], other=0)
-
-        ks = tl.load(KS + ks_base + grp[:, None] * HEAD_DIM + d[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
-        kz = tl.load(KZ + ks_base + grp[:, None] * HEAD_DIM + d[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
-        qs = qk[None, :] * ks                                                  # [KGROUPS, D_PAD]
-        qz = tl.sum(q[None, :] * kz, axis=1)                                   # [KGROUPS]
+        qs = qk[None, :] * ks.to(tl.float32)                                   # [KGROUPS, D_PAD]
+        qz = tl.sum(q[None, :] * kz.to(tl.float32), axis=1)                    # [KGROUPS]
         s = _dot_planes(kw, qs, KEY_BITS, RAW) + qz[:, None]                   # [KGROUPS, TPG]
         s = tl.reshape(s, (BLOCK_N,))
         tok = t0 + rows
@@ -666,13 +692,7 @@ def _kvpass_decode_rows(
         # ---- lazy online softmax (one max per program)
         p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
         # ---- values: per-token scales folded into p
-        if NWV_PAD == NWV:
-            vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None], other=0)
-        else:
-            vw = tl.load(vc_base + tok[:, None] * NWV + wv[None, :], mask=tok_ok[:, None] & (wv < NWV)[None, :], other=0)
         vcode = tl.reshape(_unpack(vw, VALUE_BITS, RAW), (BLOCK_N, NG_PAD, GROUP_SIZE))
-        vsc = tl.load(VS + vs_base + tok[:, None] * NG + g_idx[None, :], mask=tok_ok[:, None] & (g_idx < NG)[None, :], other=0.0)
-        vze = tl.load(VZ + vs_base + tok[:, None] * NG + g_idx[None, :], mask=tok_ok[:, None] & (g_idx < NG)[None, :], other=0.0)
         acc += (p[:, None] * vsc.to(tl.float32))[:, :, None] * vcode
         accz += p[:, None] * vze.to(tl.float32)
 
