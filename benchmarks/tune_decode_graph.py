@@ -1,8 +1,9 @@
 """Decode-attention configs timed the way a CUDA-graph decode step runs them: a store in
 device-lengths mode, `decode_attention_store` captured in a CUDA graph (no host launch gaps), vs
-bf16 SDPA captured the same way, at the shapes of the end-to-end benchmark.
+bf16 SDPA captured the same way, at the shapes of the end-to-end benchmark. A shape is
+BxHxT (MHA) or BxHqxHkvxT (GQA).
 
-    PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384] [--kinds all|rows|dot]
+    PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384,1x32x8x32768] [--kinds all|rows|dot]
         [--out DIR] [--name tune_graph.csv]
 
 Writes --name (one row per shape x config: microseconds per call, median of 5 graph
@@ -73,13 +74,14 @@ def main():
     date = datetime.date.today().isoformat()
     out_rows = []
     for shape in args.shapes.split(","):
-        B, H, T = (int(x) for x in shape.split("x"))
+        dims = [int(x) for x in shape.split("x")]
+        B, Hq, H, T = dims if len(dims) == 4 else (dims[0], dims[1], dims[1], dims[2])
         st = make_store(B, H, T)
         kv_len = T + 64
-        q = torch.randn(B, H, 1, 128, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(B, H, kv_len, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        sdpa = graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        sdpa = graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != H))
         del k, v
         default = graph_us(lambda: da.decode_attention_store(q, st, kv_len=kv_len))
         print(f"{shape}: sdpa {sdpa:.1f} us, default config {default:.1f} us", flush=True)
@@ -90,7 +92,7 @@ def main():
             except Exception as e:  # noqa: BLE001  (a config the compiler rejects: recorded, skipped)
                 print("skip", cfg, type(e).__name__, str(e)[:100])
                 continue
-            out_rows.append(dict(gpu=gpu, date=date, batch=B, heads=H, seq_len=T, bits=2, group_size=32,
+            out_rows.append(dict(gpu=gpu, date=date, batch=B, heads=Hq, kv_heads=H, seq_len=T, bits=2, group_size=32,
                                  config=repr(cfg), us=round(us, 2), sdpa_bf16_us=round(sdpa, 2),
                                  default_us=round(default, 2)))
             if best is None or us < best[0]:

@@ -159,13 +159,16 @@ def config_key(spec: DecodeSpec, length: int) -> tuple:
 
 
 def default_config_for(spec: DecodeSpec) -> DecodeConfig:
-    """Rules distilled from the H100 sweep (benchmarks/NOTES.md, 2026-11-22, B=8, T=16k, D=128):
-    MHA: the CUDA-core rows variant (128-token blocks, 4 warps) beat every tensor-core config;
+    """Rules distilled from the H100 sweeps (benchmarks/NOTES.md, 2026-11-22, D=128):
+    MHA: the CUDA-core rows variant beats every tensor-core config; since session 4 (raw unpacking,
+    hand-pipelined loads) with 32-token blocks and 2 warps (4 for head_dim > 128, which would
+    spill), ~8 programs per SM (CUDA-graph replays, results/tune_graph_s4_rows_pipe.csv: B=1
+    T=32k 74 us, B=8 T=16k 290 us; 128-token blocks now spill);
     GQA/MQA: the tensor-core variant with unpadded query rows, one key group per step, 1-2 warps
     and many splits (short programs, many in flight)."""
     if spec.rep == 1:
-        return replace(DEFAULT_CONFIG, use_dot=False, block_n=128 if spec.head_dim <= 128 else 64,
-                       num_warps=4 if spec.head_dim <= 128 else 8, num_stages=2, ctas_per_sm=4)
+        return replace(DEFAULT_CONFIG, use_dot=False, block_n=32,
+                       num_warps=2 if spec.head_dim <= 128 else 4, num_stages=2, ctas_per_sm=8)
     if spec.group_size >= 64:
         return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64, num_warps=1, num_stages=3, ctas_per_sm=32)
     return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=min(32, spec.group_size), num_warps=2,
