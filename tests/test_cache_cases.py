@@ -249,3 +249,35 @@ def test_cuda_graph_runner_never_replays_a_dead_store(monkeypatch):
     kv_store.register(standin, KVStore(StoreConfig(4, 4, 8, 8), 1, 1, 16, 16, torch.float32, "cpu"))
     runner(standin)
     assert captured[-1] is not first and len(runner.signatures) == 1
+
+
+def test_cuda_graph_runner_fast_path_replays_only_matching_calls(monkeypatch):
+    """After a replay, a call with the same in-place inputs (identity and address), copied inputs
+    of the same shape and the same non-tensor values replays through the plan; anything else takes
+    the full signature path (and a different shape gets its own signature)."""
+    from kvpass import cudagraph
+
+    class FakeGraph:
+        def __init__(self):
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    def fake_capture(self, sig, args, static_idx):
+        sig.graph, sig.outputs, sig.keep = FakeGraph(), torch.zeros(2), [False]
+        sig.copies = [(i, a.clone()) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in static_idx]
+
+    monkeypatch.setattr(cudagraph.CudaGraphRunner, "_capture", fake_capture)
+    runner = cudagraph.CudaGraphRunner(lambda w, x, n: x * n, name="fast")
+    weight = torch.nn.Parameter(torch.randn(3))
+    runner(weight, torch.ones(2), 2)                       # runs, then captures
+    runner(weight, torch.ones(2), 2)                       # full path finds the graph: replay, plan kept
+    assert runner.replays == 1 and runner.fast_replays == 0
+    runner(weight, torch.full((2,), 5.0), 2)               # same plan: fast replay
+    assert runner.replays == 2 and runner.fast_replays == 1
+    other = torch.nn.Parameter(torch.randn(3))
+    runner(other, torch.ones(2), 2)                        # another in-place input: full path, new signature
+    runner(weight, torch.ones(2), 3)                       # another value: full path
+    runner(weight, torch.ones(4), 2)                       # another copied shape: full path
+    assert runner.fast_replays == 1 and len(runner.signatures) == 4
