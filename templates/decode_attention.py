@@ -22,7 +22,9 @@ Constexprs:
                            capturable); else they are host ints (LENS is None: the host-mode
                            specialization compiles to the same code as before this mode existed)
     USE_ASM                (dot) unpack two codes per instruction in inline PTX (GPU, 16-bit models);
-                           else exact fp32 unpacking (interpreter, fp32 models)
+                           else exact fp32 unpacking (interpreter, fp32 models). (rows) prepare each
+                           word's halves with one PTX prmt (`_magic_halves`, GPU); else plain ops.
+                           Both settings give bit-identical results.
     EMULATE_DOT            (dot) the CPU interpreter's bf16 dot is wrong: multiply the rounded
                            operands in fp32 instead
     num_warps, num_stages  launch options (DecodeConfig)
