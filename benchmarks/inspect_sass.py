@@ -1,0 +1,104 @@
+"""Offline SASS statistics of the decode kernels for sm_90, without a GPU: registers and the
+instruction mix of the two longest loops, per thread (the main loop over the quantized tokens is
+the one with LOP3/FFMA/LDG of codes; the window loop can be the longer one).
+
+    PYTHONPATH=. python3 benchmarks/inspect_sass.py [--variant rows|dot] [--block-n 32] [--warps 2]
+        [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--dump FILE]
+
+Uses the local Triton's bundled ptxas/nvdisasm/cuobjdump (Triton 3.9 here; the device runs 3.6, so
+counts can differ a little). benchmarks/NOTES.md (session 4) shows what these counts predicted.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kvpass.templates import decode_attention as da  # noqa: E402
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_UNSPECIALIZED = set(da._DNS)
+
+
+def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: int, warps: int, use_asm: bool):
+    """The kernel compiled for sm_90 as the launcher would specialize it (strides % 16, bf16 model)."""
+    fn = da._kvpass_decode_rows if variant == "rows" else da._kvpass_decode_dot
+    d_pad = max(16, 1 << (head_dim - 1).bit_length())
+    const = dict(KEY_BITS=bits, VALUE_BITS=bits, GROUP_SIZE=group, HEAD_DIM=head_dim, D_PAD=d_pad,
+                 BLOCK_N=block_n, MASK_KIND=0, SINGLE=False, LENGTHS_ON_DEVICE=False, USE_ASM=use_asm, LENS=None)
+    if variant == "dot":
+        const.update(HB=16, EMULATE_DOT=False)
+    ptr = dict(Q="*bf16", KC="*i32", KS="*fp16", KZ="*fp16", VC="*i32", VS="*fp16", VZ="*fp16", RK="*bf16",
+               RV="*bf16", MASK="*bf16", OP="*fp32", OM="*fp32", OL="*fp32", OUT="*bf16")
+    names = list(fn.arg_names)
+    sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or (n.startswith("s_") and n not in _UNSPECIALIZED)}
+    src = ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items() if k in names}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=2))
+
+
+def sass_report(kernel, loops: int = 2) -> tuple[str, str]:
+    """(report, SASS text): registers, then per loop (backward branch) its instruction count and mix."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+    usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    regs = re.search(r"REG:(\d+)", usage)
+    instrs, labels, pending = [], {}, None
+    for line in sass.splitlines():
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
+        if m:
+            pending = m.group(1)
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            addr = int(m.group(1), 16)
+            if pending:
+                labels[pending], pending = addr, None
+            instrs.append((addr, m.group(2)))
+    spans = []
+    for addr, ins in instrs:
+        m = re.search(r"BRA.*?(\.L_x_\d+)", ins)
+        if m and labels.get(m.group(1), addr + 1) < addr:
+            spans.append((labels[m.group(1)], addr))
+    out = [f"registers {regs.group(1) if regs else '?'}, {len(instrs)} instructions"]
+    for start, end in sorted(spans, key=lambda s: s[0] - s[1])[:loops]:
+        body = [ins for a, ins in instrs if start <= a <= end]
+        mix = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", b).split()[0].split(".")[0] for b in body)
+        out.append(f"loop {start:#x}-{end:#x}: {len(body)} instr: " + ", ".join(f"{k} {v}" for k, v in mix.most_common(12)))
+    return "\n".join(out), sass
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", default="rows", choices=("rows", "dot"))
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-n", type=int, default=32)
+    ap.add_argument("--warps", type=int, default=2)
+    ap.add_argument("--no-asm", action="store_true")
+    ap.add_argument("--dump", default=None, help="write the SASS here")
+    a = ap.parse_args()
+    k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm)
+    report, sass = sass_report(k)
+    print(f"{a.variant} b{a.bits} g{a.group} d{a.head_dim} BLOCK_N {a.block_n}, {a.warps} warps: {report}")
+    if a.dump:
+        with open(a.dump, "w") as f:
+            f.write(sass)
+
+
+if __name__ == "__main__":
+    main()
