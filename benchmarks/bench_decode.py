@@ -4,8 +4,9 @@ weights) with kvpass.backend(bits=2) vs plain torch.compile (Inductor) on a bf16
     PYTHONPATH=. python3 benchmarks/bench_decode.py [--configs 4096x1,32768x1,4096x8,32768x8] [--out DIR]
 
 Both sides: an eager prefill of the prompt (not timed), then `--steps` greedy decode steps through
-the compiled forward, timed with a host clock around synchronized steps (tokens/s = batch *
-steps / time). kvpass: DynamicCache (no host syncs in its writes), its first compiled step
+the compiled forward, timed with a host clock (tokens/s = batch * steps / time). `--loops`: the
+static-cache kinds run the "sync" loop (the position built on the host each step: a blocking copy)
+and/or the "async" loop (the position advanced on the device, as gpt-fast does), see decode_loop. kvpass: DynamicCache (no host syncs in its writes), its first compiled step
 ingests the prefilled cache into the quantized store. Baseline: StaticCache of prompt + steps
 slots, model.forward compiled by Inductor with dynamic shapes. Peak memory = max allocated
 during decode. A profile of kvpass decode steps splits the step time into attention kernels,
@@ -68,10 +69,20 @@ def peak_gb():
     return torch.cuda.max_memory_allocated() / 2**30 if not DRY else 0.0
 
 
-def decode_loop(step, first, cache, steps, warmup, start_pos, static):
-    """Greedy decode: returns (seconds for `steps` timed steps, last token)."""
+LOOPS = ("sync", "async")
+
+
+def decode_loop(step, first, cache, steps, warmup, start_pos, static, loop="sync"):
+    """Greedy decode: returns (seconds for `steps` timed steps, last token).
+    loop "sync": each step's cache position is built on the host (`torch.tensor([pos])`, a blocking
+    host-to-device copy: the host waits for the previous step before it prepares the next one).
+    loop "async": the position stays on the device and is advanced there (gpt-fast's loop), so the
+    host prepares step i+1 while the GPU runs step i; one sync at the end. Same tokens either way."""
+    if loop not in LOOPS:
+        raise ValueError(f"loop={loop!r} is not valid: use one of {LOOPS}")
     tok = first
     pos = start_pos
+    pos_dev = torch.tensor([start_pos], device=DEV)
     t0 = None
     for i in range(warmup + steps):
         if i == warmup:
@@ -79,15 +90,16 @@ def decode_loop(step, first, cache, steps, warmup, start_pos, static):
             t0 = time.perf_counter()
         kw = dict(input_ids=tok, past_key_values=cache, use_cache=True)
         if static:
-            kw["cache_position"] = torch.tensor([pos], device=DEV)
+            kw["cache_position"] = torch.tensor([pos], device=DEV) if loop == "sync" else pos_dev
         out = step(**kw)
         tok = out.logits[:, -1:].argmax(-1)
         pos += 1
+        pos_dev = pos_dev + 1
     sync()
     return time.perf_counter() - t0, tok
 
 
-def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0):
+def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0, loop="sync"):
     from transformers import StaticCache
 
     ids = torch.randint(0, cfg.vocab_size, (B, P), device=DEV)
@@ -98,7 +110,7 @@ def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0):
         first = out.logits[:, -1:].argmax(-1)
         del out
         peak_reset()
-        secs, _ = decode_loop(compiled_fwd, first, cache, steps, warmup, P, static=True)
+        secs, _ = decode_loop(compiled_fwd, first, cache, steps, warmup, P, static=True, loop=loop)
     res = dict(tokens_per_s=B * steps / secs, ms_per_step=secs / steps * 1e3, peak_gb=peak_gb())
     del cache
     return res
@@ -122,7 +134,7 @@ def run_kvpass(model, cfg, P, B, steps, warmup, compiled_fwd, profile=False):
     return res
 
 
-def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd):
+def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd, loop="sync"):
     """kvpass on a StaticCache (the baseline's loop): the store keeps its lengths on the device, so
     under mode="reduce-overhead" kvpass's CudaGraphRunner replays whole decode steps. The eager
     prefill fills the StaticCache's bf16 buffers, which stay allocated (they count in peak memory);
@@ -130,7 +142,7 @@ def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd):
     from kvpass import cudagraph
 
     before = cudagraph.total_replays()
-    res = run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=8)
+    res = run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=8, loop=loop)
     res["graph_replays"] = cudagraph.total_replays() - before
     return res
 
@@ -302,6 +314,8 @@ def main():
     ap.add_argument("--kinds", default="kvpass2,bf16_static,kvpass2_static_graphs,bf16_static_graphs",
                     help="kvpass2 (DynamicCache), kvpass2_static_graphs (StaticCache, mode='reduce-overhead'), "
                          "bf16_static (Inductor), bf16_static_graphs (Inductor, mode='reduce-overhead')")
+    ap.add_argument("--loops", default="sync", help="comma list of decode loops for the static-cache kinds: "
+                    "sync (host-built position, blocking copy per step), async (position advanced on the device)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--no-extras", action="store_true", help="skip the host-overhead and largest-batch measurements")
     ap.add_argument("--only-extras", action="store_true", help="host overheads + largest batch, no model runs")
@@ -342,13 +356,18 @@ def main():
         except Exception:  # noqa: BLE001
             traceback.print_exc()
     kinds = args.kinds.split(",")
+    loops = args.loops.split(",")
+    for loop in loops:
+        if loop not in LOOPS:
+            raise SystemExit(f"--loops: {loop!r} is not valid: use {', '.join(LOOPS)}")
+    runs = [(kind, loop) for kind in kinds for loop in (loops if "static" in kind else ["sync"])]
     for P, B in configs:
-        for kind in kinds:
+        for kind, loop in runs:
             if (kind.startswith("bf16") and args.skip_baseline) or (kind.startswith("kvpass2") and args.skip_kvpass):
                 continue
             need = cache_bytes_per_token(cfg) * (P + args.steps + args.warmup) * B
             if kind in ("bf16_static", "bf16_static_graphs", "kvpass2_static_graphs") and not DRY and need + weights > torch.cuda.mem_get_info()[1] * 0.95:
-                row = dict(kind=kind, prompt=P, batch=B, tokens_per_s="", ms_per_step="", peak_gb="",
+                row = dict(kind=kind, loop=loop, prompt=P, batch=B, tokens_per_s="", ms_per_step="", peak_gb="",
                            note=f"does not fit: bf16 cache {need / 2**30:.0f} GiB + weights {weights / 2**30:.1f} GiB")
                 print(row)
                 rows.append(row)
@@ -364,15 +383,15 @@ def main():
                 if kind == "kvpass2":
                     res = run_kvpass(model, cfg, P, B, args.steps, args.warmup, kv_fwd, profile=(B == 1))
                 elif kind == "kvpass2_static_graphs":
-                    res = run_kvpass_static(model, cfg, P, B, args.steps, args.warmup, kv_graph_fwd)
+                    res = run_kvpass_static(model, cfg, P, B, args.steps, args.warmup, kv_graph_fwd, loop)
                 elif kind == "bf16_static_graphs":
-                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_graph_fwd)
+                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_graph_fwd, loop=loop)
                 else:
-                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_fwd)
-                res.update(kind=kind, prompt=P, batch=B, note="")
+                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_fwd, loop=loop)
+                res.update(kind=kind, loop=loop, prompt=P, batch=B, note="")
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
-                res = dict(kind=kind, prompt=P, batch=B, tokens_per_s="", ms_per_step="", peak_gb="",
+                res = dict(kind=kind, loop=loop, prompt=P, batch=B, tokens_per_s="", ms_per_step="", peak_gb="",
                            note=f"failed: {type(e).__name__}: {str(e)[:200]}")
             res["wall_s_incl_compile"] = round(time.perf_counter() - t0, 1)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}, flush=True)
@@ -386,7 +405,7 @@ def main():
             print("largest batch at 16k:", lb)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
-    cols = ["gpu", "date", "torch", "triton", "kind", "prompt", "batch", "tokens_per_s", "ms_per_step", "peak_gb", "note"]
+    cols = ["gpu", "date", "torch", "triton", "kind", "loop", "prompt", "batch", "tokens_per_s", "ms_per_step", "peak_gb", "note"]
     extra = sorted({k for r in rows for k in r} - set(cols))
     name = "decode.csv" if rows else "decode_extras.csv"
     with open(os.path.join(args.out, name), "w", newline="") as f:
@@ -396,11 +415,11 @@ def main():
             w.writerow({**{k: info.get(k, "") for k in ("gpu", "date", "torch", "triton")}, **r})
     with open(os.path.join(args.out, "decode_extra.json" if rows else "decode_extras_only.json"), "w") as f:
         json.dump(dict(info=info, largest_batch_16k=lb, rows=rows, **extras), f, indent=1, default=str)
-    print("\n| kind | prompt | batch | tokens/s | ms/step | peak GiB | note |")
+    print("\n| kind | loop | prompt | batch | tokens/s | ms/step | peak GiB | note |")
     for r in rows:
         tps = r.get("tokens_per_s")
-        print(f"| {r['kind']} | {r['prompt']} | {r['batch']} | {tps:.1f} | {r['ms_per_step']:.2f} | {r['peak_gb']:.1f} | {r['note']} |"
-              if isinstance(tps, float) else f"| {r['kind']} | {r['prompt']} | {r['batch']} | - | - | - | {r['note']} |")
+        print(f"| {r['kind']} | {r.get('loop', '')} | {r['prompt']} | {r['batch']} | {tps:.1f} | {r['ms_per_step']:.2f} | {r['peak_gb']:.1f} | {r['note']} |"
+              if isinstance(tps, float) else f"| {r['kind']} | {r.get('loop', '')} | {r['prompt']} | {r['batch']} | - | - | - | {r['note']} |")
 
 
 if __name__ == "__main__":

@@ -281,3 +281,36 @@ def test_cuda_graph_runner_fast_path_replays_only_matching_calls(monkeypatch):
     runner(weight, torch.ones(2), 3)                       # another value: full path
     runner(weight, torch.ones(4), 2)                       # another copied shape: full path
     assert runner.fast_replays == 1 and len(runner.signatures) == 4
+
+
+def test_cuda_graph_runner_uses_inputs_updated_in_place_without_copies(monkeypatch):
+    """An input the step updates in place (a StaticCache's length counter) is keyed by its address
+    after the first run and used in place by the captured graph (no copy in or out per replay); a
+    call with another tensor in that position gets its own signature."""
+    from kvpass import cudagraph
+
+    captured = []
+
+    def fake_capture(self, sig, args, static_idx):
+        captured.append(list(static_idx))
+        sig.graph, sig.outputs, sig.keep = type("G", (), {"replay": lambda g: None})(), torch.zeros(2), [False]
+        sig.copies = [(i, a.clone()) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in static_idx]
+
+    def step(x, counter):
+        counter.add_(1)
+        return x + counter
+
+    monkeypatch.setattr(cudagraph.CudaGraphRunner, "_capture", fake_capture)
+    runner = cudagraph.CudaGraphRunner(step, name="counter")
+    counter = torch.zeros((), dtype=torch.int64)
+    runner(torch.ones(2), counter)          # finds the in-place update: re-keyed, not captured
+    assert runner.in_place == {1} and not captured and not runner.signatures
+    runner(torch.ones(2), counter)          # runs again under the new key, then captures
+    assert captured == [[1]] and int(counter) == 2
+    runner(torch.ones(2), counter)          # replays through the graph: no copy of the counter
+    runner(torch.ones(2), counter)
+    assert runner.replays == 2 and runner.fast_replays == 1
+    (sig,) = runner.signatures.values()
+    assert [i for i, _ in sig.copies] == [0]
+    runner(torch.ones(2), torch.zeros((), dtype=torch.int64))   # another counter: its own signature
+    assert len(runner.signatures) == 2
