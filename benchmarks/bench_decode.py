@@ -99,19 +99,53 @@ def decode_loop(step, first, cache, steps, warmup, start_pos, static, loop="sync
     return time.perf_counter() - t0, tok
 
 
-def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0, loop="sync"):
+def host_time(step, tok, cache, pos, n):
+    """Host side of async decode steps: ms of host time per step over n steps (the loop returns
+    before the GPU is done: nothing in it waits for the device), then the top of a cProfile of n
+    more steps (the profiler slows the host down: its times are relative). Uses 2n cache slots."""
+    import cProfile
+    import pstats
+
+    pos_dev = torch.tensor([pos], device=DEV)
+    prof = cProfile.Profile()
+    host_ms = None
+    for rep in range(2):
+        sync()
+        t0 = time.perf_counter()
+        if rep:
+            prof.enable()
+        for _ in range(n):
+            out = step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos_dev)
+            tok = out.logits[:, -1:].argmax(-1)
+            pos_dev = pos_dev + 1
+        if rep:
+            prof.disable()
+        else:
+            host_ms = (time.perf_counter() - t0) / n * 1e3
+    sync()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (prim calls, calls, tottime, cumtime, callers)}
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:30]
+    lines = [f"host {host_ms:.3f} ms per step unprofiled; profiled, per step: own us, cumulative us, calls, function"]
+    lines += [f"{tt / n * 1e6:9.1f} {ct / n * 1e6:9.1f} {nc / n:7.1f}  {os.path.basename(f)}:{ln}({fn})"
+              for (f, ln, fn), (_, nc, tt, ct, _) in top]
+    return dict(host_ms_per_step=host_ms, host_profile="\n".join(lines) + "\n")
+
+
+def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0, loop="sync", host_steps=0):
     from transformers import StaticCache
 
     ids = torch.randint(0, cfg.vocab_size, (B, P), device=DEV)
-    cache = StaticCache(config=cfg, max_cache_len=P + warmup + steps + spare_slots)
+    cache = StaticCache(config=cfg, max_cache_len=P + warmup + steps + spare_slots + 2 * host_steps)
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
                     cache_position=torch.arange(P, device=DEV))
         first = out.logits[:, -1:].argmax(-1)
         del out
         peak_reset()
-        secs, _ = decode_loop(compiled_fwd, first, cache, steps, warmup, P, static=True, loop=loop)
-    res = dict(tokens_per_s=B * steps / secs, ms_per_step=secs / steps * 1e3, peak_gb=peak_gb())
+        secs, tok = decode_loop(compiled_fwd, first, cache, steps, warmup, P, static=True, loop=loop)
+        res = dict(tokens_per_s=B * steps / secs, ms_per_step=secs / steps * 1e3, peak_gb=peak_gb())
+        if host_steps:
+            res.update(host_time(compiled_fwd, tok, cache, P + warmup + steps, host_steps))
     del cache
     return res
 
@@ -134,7 +168,7 @@ def run_kvpass(model, cfg, P, B, steps, warmup, compiled_fwd, profile=False):
     return res
 
 
-def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd, loop="sync"):
+def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd, loop="sync", host_steps=0):
     """kvpass on a StaticCache (the baseline's loop): the store keeps its lengths on the device, so
     under mode="reduce-overhead" kvpass's CudaGraphRunner replays whole decode steps. The eager
     prefill fills the StaticCache's bf16 buffers, which stay allocated (they count in peak memory);
@@ -142,7 +176,7 @@ def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd, loop="sync"
     from kvpass import cudagraph
 
     before = cudagraph.total_replays()
-    res = run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=8, loop=loop)
+    res = run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=8, loop=loop, host_steps=host_steps)
     res["graph_replays"] = cudagraph.total_replays() - before
     return res
 
@@ -316,6 +350,8 @@ def main():
                          "bf16_static (Inductor), bf16_static_graphs (Inductor, mode='reduce-overhead')")
     ap.add_argument("--loops", default="sync", help="comma list of decode loops for the static-cache kinds: "
                     "sync (host-built position, blocking copy per step), async (position advanced on the device)")
+    ap.add_argument("--host-steps", type=int, default=0,
+                    help="after each static-cache run, time the host side of this many async steps (+ cProfile)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--no-extras", action="store_true", help="skip the host-overhead and largest-batch measurements")
     ap.add_argument("--only-extras", action="store_true", help="host overheads + largest batch, no model runs")
@@ -383,11 +419,17 @@ def main():
                 if kind == "kvpass2":
                     res = run_kvpass(model, cfg, P, B, args.steps, args.warmup, kv_fwd, profile=(B == 1))
                 elif kind == "kvpass2_static_graphs":
-                    res = run_kvpass_static(model, cfg, P, B, args.steps, args.warmup, kv_graph_fwd, loop)
+                    res = run_kvpass_static(model, cfg, P, B, args.steps, args.warmup, kv_graph_fwd, loop, args.host_steps)
                 elif kind == "bf16_static_graphs":
-                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_graph_fwd, loop=loop)
+                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_graph_fwd, loop=loop,
+                                       host_steps=args.host_steps)
                 else:
-                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_fwd, loop=loop)
+                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_fwd, loop=loop,
+                                       host_steps=args.host_steps)
+                profile_text = res.pop("host_profile", None)
+                if profile_text:
+                    with open(os.path.join(args.out, f"host_profile_{kind}_{loop}_{P}x{B}.txt"), "w") as f:
+                        f.write(profile_text)
                 res.update(kind=kind, loop=loop, prompt=P, batch=B, note="")
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()

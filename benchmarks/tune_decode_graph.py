@@ -4,7 +4,7 @@ bf16 SDPA captured the same way, at the shapes of the end-to-end benchmark. A sh
 BxHxT (MHA) or BxHqxHkvxT (GQA).
 
     PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384,1x32x8x32768] [--kinds all|rows|dot]
-        [--out DIR] [--name tune_graph.csv]
+        [--bits 2] [--group 32] [--out DIR] [--name tune_graph.csv]
 
 Writes --name (one row per shape x config: microseconds per call, median of 5 graph
 replays of 20 calls each) and prints the best config per shape.
@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot"))
     ap.add_argument("--name", default="tune_graph.csv", help="CSV file name under --out")
+    ap.add_argument("--bits", type=int, default=2, choices=(2, 4, 8))
+    ap.add_argument("--group", type=int, default=32, choices=(16, 32, 64, 128))
     args = ap.parse_args()
     gpu = torch.cuda.get_device_properties(0).name
     date = datetime.date.today().isoformat()
@@ -76,7 +78,7 @@ def main():
     for shape in args.shapes.split(","):
         dims = [int(x) for x in shape.split("x")]
         B, Hq, H, T = dims if len(dims) == 4 else (dims[0], dims[1], dims[1], dims[2])
-        st = make_store(B, H, T)
+        st = make_store(B, H, T, bits=args.bits, G=args.group)
         kv_len = T + 64
         q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(B, H, kv_len, 128, device="cuda", dtype=torch.bfloat16)
@@ -92,7 +94,7 @@ def main():
             except Exception as e:  # noqa: BLE001  (a config the compiler rejects: recorded, skipped)
                 print("skip", cfg, type(e).__name__, str(e)[:100])
                 continue
-            out_rows.append(dict(gpu=gpu, date=date, batch=B, heads=Hq, kv_heads=H, seq_len=T, bits=2, group_size=32,
+            out_rows.append(dict(gpu=gpu, date=date, batch=B, heads=Hq, kv_heads=H, seq_len=T, bits=args.bits, group_size=args.group,
                                  config=repr(cfg), us=round(us, 2), sdpa_bf16_us=round(sdpa, 2),
                                  default_us=round(default, 2)))
             if best is None or us < best[0]:
