@@ -70,8 +70,12 @@ class _Plan:
         self.n = len(args)
         self.pick = operator.itemgetter(*static_idx) if len(static_idx) > 1 else (lambda a: tuple(a[i] for i in static_idx))
         static = self.pick(args)
+        self.static_idx = list(static_idx)
         self.ids = list(map(id, static))
         self.ptrs = list(map(torch.Tensor.data_ptr, static))
+        self.ptrs_at = [None] * len(args)      # data pointers by argument index, for _PTRS_EQUAL
+        for i, p in zip(static_idx, self.ptrs):
+            self.ptrs_at[i] = p
         in_place = set(static_idx)
         self.copied = [(i, a.shape, a.stride(), a.dtype) for i, a in enumerate(args)
                        if isinstance(a, torch.Tensor) and i not in in_place]
@@ -81,7 +85,12 @@ class _Plan:
         if len(args) != self.n:
             return False
         static = self.pick(args)
-        if list(map(id, static)) != self.ids or list(map(torch.Tensor.data_ptr, static)) != self.ptrs:
+        if list(map(id, static)) != self.ids:
+            return False
+        if _PTRS_EQUAL is not None:
+            if not _PTRS_EQUAL(list(args), self.ptrs_at, self.static_idx):
+                return False
+        elif list(map(torch.Tensor.data_ptr, static)) != self.ptrs:
             return False
         for i, shape, stride, dtype in self.copied:
             a = args[i]
@@ -93,6 +102,9 @@ class _Plan:
 
 
 _RUNNERS: "weakref.WeakSet[CudaGraphRunner]" = weakref.WeakSet()
+# CUDA builds of torch compare many data pointers in C++ (what Inductor's CUDA-graph trees use);
+# the plan check falls back to a Python map elsewhere (CPU tests)
+_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
 def total_replays() -> int:

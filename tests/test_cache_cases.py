@@ -251,10 +251,13 @@ def test_cuda_graph_runner_never_replays_a_dead_store(monkeypatch):
     assert captured[-1] is not first and len(runner.signatures) == 1
 
 
-def test_cuda_graph_runner_fast_path_replays_only_matching_calls(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the C++ data-pointer check exists in CUDA builds"))])
+def test_cuda_graph_runner_fast_path_replays_only_matching_calls(monkeypatch, device):
     """After a replay, a call with the same in-place inputs (identity and address), copied inputs
     of the same shape and the same non-tensor values replays through the plan; anything else takes
-    the full signature path (and a different shape gets its own signature)."""
+    the full signature path (and a different shape gets its own signature). An in-place input that
+    kept its identity but not its address (`param.data = ...`) is not replayed through the plan."""
     from kvpass import cudagraph
 
     class FakeGraph:
@@ -270,17 +273,21 @@ def test_cuda_graph_runner_fast_path_replays_only_matching_calls(monkeypatch):
 
     monkeypatch.setattr(cudagraph.CudaGraphRunner, "_capture", fake_capture)
     runner = cudagraph.CudaGraphRunner(lambda w, x, n: x * n, name="fast")
-    weight = torch.nn.Parameter(torch.randn(3))
-    runner(weight, torch.ones(2), 2)                       # runs, then captures
-    runner(weight, torch.ones(2), 2)                       # full path finds the graph: replay, plan kept
+    weight = torch.nn.Parameter(torch.randn(3, device=device))
+    ones = torch.ones(2, device=device)
+    runner(weight, ones, 2)                                # runs, then captures
+    runner(weight, ones, 2)                                # full path finds the graph: replay, plan kept
     assert runner.replays == 1 and runner.fast_replays == 0
-    runner(weight, torch.full((2,), 5.0), 2)               # same plan: fast replay
+    runner(weight, torch.full((2,), 5.0, device=device), 2)   # same plan: fast replay
     assert runner.replays == 2 and runner.fast_replays == 1
-    other = torch.nn.Parameter(torch.randn(3))
-    runner(other, torch.ones(2), 2)                        # another in-place input: full path, new signature
-    runner(weight, torch.ones(2), 3)                       # another value: full path
-    runner(weight, torch.ones(4), 2)                       # another copied shape: full path
+    other = torch.nn.Parameter(torch.randn(3, device=device))
+    runner(other, ones, 2)                                 # another in-place input: full path, new signature
+    runner(weight, ones, 3)                                # another value: full path
+    runner(weight, torch.ones(4, device=device), 2)        # another copied shape: full path
     assert runner.fast_replays == 1 and len(runner.signatures) == 4
+    weight.data = torch.randn(3, device=device)            # same object, new address: full path, new signature
+    runner(weight, ones, 2)
+    assert runner.fast_replays == 1 and len(runner.signatures) == 5
 
 
 def test_cuda_graph_runner_uses_inputs_updated_in_place_without_copies(monkeypatch):
