@@ -160,17 +160,25 @@ def config_key(spec: DecodeSpec, length: int) -> tuple:
     return (spec.key_bits, spec.group_size, spec.head_dim, _DTYPE_NAMES.get(spec.dtype, "?"), length_bucket(length), spec.rep > 1)
 
 
+def rows_warps(spec: DecodeSpec, block_n: int) -> int:
+    """Warps that hold one rows-kernel step without replication: BLOCK_N / 2 rows, each row's key
+    words spread over threads in 16-byte vectors (2-bit D=128: 8 words, 2 threads per row)."""
+    words = spec.head_dim * spec.key_bits // 32
+    return max(1, (block_n // 2) * max(1, words // 4) // 32)
+
+
 def default_config_for(spec: DecodeSpec) -> DecodeConfig:
     """Rules distilled from the H100 sweeps (benchmarks/NOTES.md, 2026-11-22, D=128):
-    MHA: the CUDA-core rows variant beats every tensor-core config; since session 4 (raw unpacking,
-    hand-pipelined loads) with 32-token blocks and 2 warps (4 for head_dim > 128, which would
-    spill), ~8 programs per SM (CUDA-graph replays, results/tune_graph_s4_rows_pipe.csv: B=1
-    T=32k 74 us, B=8 T=16k 290 us; 128-token blocks now spill);
+    MHA: the CUDA-core rows variant beats every tensor-core config; since session 5 (two tokens of a
+    key group per thread) with 32-token blocks in the fewest warps that hold them (`rows_warps`:
+    1 warp for 2-bit D=128, 2 for 4-bit) and ~8 programs per SM (CUDA-graph replays,
+    results/tune_graph_s5_pairs*.csv: 2-bit B=1 T=32k 60 us, B=8 T=16k 216-234 us; 4-bit B=8
+    T=16k 256-277 us; 64- and 128-token blocks hold more registers and lose);
     GQA/MQA: the tensor-core variant with unpadded query rows, one key group per step, 1-2 warps
     and many splits (short programs, many in flight)."""
     if spec.rep == 1:
-        return replace(DEFAULT_CONFIG, use_dot=False, block_n=32,
-                       num_warps=2 if spec.head_dim <= 128 else 4, num_stages=2, ctas_per_sm=8)
+        return replace(DEFAULT_CONFIG, use_dot=False, block_n=32, num_warps=rows_warps(spec, 32), num_stages=2,
+                       ctas_per_sm=8)
     if spec.group_size >= 64:
         return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64, num_warps=1, num_stages=3, ctas_per_sm=32)
     return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=min(32, spec.group_size), num_warps=2,
@@ -493,21 +501,29 @@ def _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _rows_step_loads(t0, end, kc_base, KS, KZ, ks_base, vc_base, VS, VZ, vs_base, gi, ti, rows, wk, wv, g_idx, d,
-                     HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, TPG: tl.constexpr, NWK: tl.constexpr,
-                     NWK_PAD: tl.constexpr, NWV: tl.constexpr, NWV_PAD: tl.constexpr, NG: tl.constexpr):
-    """The rows kernel's loads of the step at t0 (tokens >= end masked, also whole steps past end):
-    key words [KGROUPS, TPG, NWK_PAD], the steps' key-group scale and zero [KGROUPS, D_PAD], value
-    words [BLOCK_N, NWV_PAD] and value scale and zero [BLOCK_N, NG_PAD] (storage dtypes)."""
-    ktok = t0 + gi[:, None] * TPG + ti[None, :]                                # [KGROUPS, TPG]
-    kmask = (ktok < end)[:, :, None]
-    if NWK_PAD != NWK:
-        kmask = kmask & (wk < NWK)[None, None, :]
-    kw = tl.load(kc_base + ktok[:, :, None] * NWK + wk[None, None, :], mask=kmask, other=0)
+def _rows_key_scales(t0, end, KS, KZ, ks_base, gi, d, HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """Scale and zero [KGROUPS, D_PAD] of the key groups of the rows kernel's step at t0 (groups
+    whose first token is >= end are masked, also whole steps past end)."""
     grp = t0 // GROUP_SIZE + gi                                                # [KGROUPS]
     gmask = (d < HEAD_DIM)[None, :] & (t0 + gi * GROUP_SIZE < end)[:, None]   # the group's first token
     ks = tl.load(KS + ks_base + grp[:, None] * HEAD_DIM + d[None, :], mask=gmask, other=0.0)
     kz = tl.load(KZ + ks_base + grp[:, None] * HEAD_DIM + d[None, :], mask=gmask, other=0.0)
+    return ks, kz
+
+
+@triton.jit
+def _rows_token_loads(t0, end, kc_base, vc_base, VS, VZ, vs_base, gi, ti, rows, wk, wv, g_idx,
+                      GROUP_SIZE: tl.constexpr, TPG: tl.constexpr, NWK: tl.constexpr, NWK_PAD: tl.constexpr,
+                      NWV: tl.constexpr, NWV_PAD: tl.constexpr, NG: tl.constexpr):
+    """One half of the rows kernel's step at t0 (tokens >= end masked, also whole steps past end):
+    key words [KGROUPS, TPG / 2, NWK_PAD] of tokens t0 + gi * TPG + ti, and value words
+    [BLOCK_N / 2, NWV_PAD], scale and zero [BLOCK_N / 2, NG_PAD] of tokens t0 + rows, the same
+    tokens (rows = gi * TPG + ti flattened; storage dtypes)."""
+    ktok = t0 + gi[:, None] * TPG + ti[None, :]                                # [KGROUPS, TPG / 2]
+    kmask = (ktok < end)[:, :, None]
+    if NWK_PAD != NWK:
+        kmask = kmask & (wk < NWK)[None, None, :]
+    kw = tl.load(kc_base + ktok[:, :, None] * NWK + wk[None, None, :], mask=kmask, other=0)
     tok = t0 + rows
     tok_ok = tok < end
     vmask = tok_ok[:, None]
@@ -517,7 +533,7 @@ def _rows_step_loads(t0, end, kc_base, KS, KZ, ks_base, vc_base, VS, VZ, vs_base
     smask = tok_ok[:, None] & (g_idx < NG)[None, :]
     vsc = tl.load(VS + vs_base + tok[:, None] * NG + g_idx[None, :], mask=smask, other=0.0)
     vze = tl.load(VZ + vs_base + tok[:, None] * NG + g_idx[None, :], mask=smask, other=0.0)
-    return kw, ks, kz, vw, vsc, vze
+    return kw, vw, vsc, vze
 
 
 # Runtime ints that change every decode step are not specialized (no recompiles); buffer strides
@@ -528,8 +544,9 @@ _DNS = ["Lq", "L", "KV_LEN", "chunk", "res_split", "NUM_SPLITS_RT", "s_mb", "s_m
 @triton.jit
 def _lazy_softmax_rows(s, m, acc, accz, l_r):
     """Online-softmax step for one query head (rows variant), log2 domain: the running max is only
-    raised when the block exceeds it by more than 2^8 (FA4-style lazy rescale). Returns p too."""
-    m_blk = tl.max(s, axis=0)
+    raised when the block (s, any shape) exceeds it by more than 2^8 (FA4-style lazy rescale).
+    Returns p (shape of s) and the rescaled state; the caller adds p to l_r."""
+    m_blk = tl.max(s)
     if m_blk > m + 8.0:
         alpha = tl.exp2(m - m_blk)
         acc = acc * alpha
@@ -537,7 +554,7 @@ def _lazy_softmax_rows(s, m, acc, accz, l_r):
         l_r = l_r * alpha
         m = m_blk
     p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m))
-    return p, m, acc, accz, l_r + p
+    return p, m, acc, accz, l_r
 
 
 @triton.jit
@@ -615,8 +632,11 @@ def _kvpass_decode_rows(
 ):
     """CUDA-core variant: one query head per program; each thread owns whole token rows, so the
     q.k dot is an in-thread FMA chain and P.V accumulates per row in registers (rows are summed
-    once at the end). One running max per program, updated lazily (only when a block's max
-    exceeds it by more than 2**8), so the accumulator is rarely rescaled."""
+    once at the end). A step's BLOCK_N tokens are two halves with the same layout: a thread owns
+    the same row of both, tokens t and t + TPG / 2 of one key group, so the group's scale folded
+    into q serves two tokens and P.V accumulates both into one row of acc [BLOCK_N / 2, D]. One
+    running max per program, updated lazily (only when a block's max exceeds it by more than
+    2**8), so the accumulator is rarely rescaled."""
     tl.static_assert(KEY_BITS == 2 or KEY_BITS == 4 or KEY_BITS == 8, "KEY_BITS must be 2, 4 or 8")
     tl.static_assert(VALUE_BITS == 2 or VALUE_BITS == 4 or VALUE_BITS == 8, "VALUE_BITS must be 2, 4 or 8")
     tl.static_assert(GROUP_SIZE == 16 or GROUP_SIZE == 32 or GROUP_SIZE == 64 or GROUP_SIZE == 128,
@@ -626,6 +646,7 @@ def _kvpass_decode_rows(
     tl.static_assert(GROUP_SIZE % (32 // VALUE_BITS) == 0, "a value group must be whole int32 words")
     tl.static_assert(BLOCK_N % GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_N == 0, "BLOCK_N and GROUP_SIZE must nest")
     tl.static_assert(D_PAD >= HEAD_DIM and D_PAD <= 256, "D_PAD must cover HEAD_DIM (<= 256)")
+    tl.static_assert(BLOCK_N >= 16, "BLOCK_N must be >= 16 (two halves of whole rows)")
 
     KPK: tl.constexpr = 32 // KEY_BITS
     KPV: tl.constexpr = 32 // VALUE_BITS
@@ -638,6 +659,8 @@ def _kvpass_decode_rows(
     NG_PAD: tl.constexpr = D_PAD // GROUP_SIZE
     KGROUPS: tl.constexpr = BLOCK_N // GROUP_SIZE if BLOCK_N >= GROUP_SIZE else 1
     TPG: tl.constexpr = BLOCK_N // KGROUPS       # tokens of one key group inside a block
+    TPG2: tl.constexpr = TPG // 2                # ... per half: the second half is offset by TPG2
+    HALF: tl.constexpr = BLOCK_N // 2            # rows of acc
     STEP: tl.constexpr = BLOCK_N if BLOCK_N > GROUP_SIZE else GROUP_SIZE  # split boundaries: whole steps
 
     pid0 = tl.program_id(0)
@@ -653,16 +676,18 @@ def _kvpass_decode_rows(
     # into q for keys and applied to the accumulator once at the end for values (exact scalings).
     qk = q * _low_scale(d, KEY_BITS)
     v_low = _low_scale(d, VALUE_BITS)
+    v_high = 1.0 / v_low                         # exact powers of two: window values enter acc as code-scaled
     mask_row = pid_b * s_mb + hq * s_mh
 
     m = tl.full([], float("-inf"), tl.float32)
-    l_r = tl.zeros([BLOCK_N], tl.float32)
-    acc = tl.zeros([BLOCK_N, NG_PAD, GROUP_SIZE], tl.float32)
-    accz = tl.zeros([BLOCK_N, NG_PAD], tl.float32)
+    l_r = tl.zeros([HALF], tl.float32)
+    acc = tl.zeros([HALF, NG_PAD, GROUP_SIZE], tl.float32)
+    accz = tl.zeros([HALF, NG_PAD], tl.float32)
 
-    rows = tl.arange(0, BLOCK_N)
     gi = tl.arange(0, KGROUPS)
-    ti = tl.arange(0, TPG)
+    ti = tl.arange(0, TPG2)
+    rows = tl.reshape(gi[:, None] * TPG + ti[None, :], (HALF,))   # first-half token of each row
+    wrows = tl.arange(0, HALF)                                     # window and tail steps: HALF tokens
     wk = tl.arange(0, NWK_PAD)
     wv = tl.arange(0, NWV_PAD)
     g_idx = tl.arange(0, NG_PAD)
@@ -676,30 +701,41 @@ def _kvpass_decode_rows(
     vc_base = VC + pid_b * s_vcb + pid_h * s_vch
     vs_base = pid_b * s_vsb + pid_h * s_vsh
     # Software pipelining by hand (Triton pipelines only loads that feed a dot): the words and
-    # scales of step t0 + BLOCK_N are loaded while step t0 is computed.
-    kw_n, ks_n, kz_n, vw_n, vs_n, vz_n = _rows_step_loads(
-        start, end, kc_base, KS, KZ, ks_base, vc_base, VS, VZ, vs_base, gi, ti, rows, wk, wv, g_idx, d,
-        HEAD_DIM, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV, NWV_PAD, NG)
+    # scales of step t0 + BLOCK_N are loaded while step t0 is computed. Half a: tokens t0 + rows,
+    # half b: t0 + TPG2 + rows.
+    ks_n, kz_n = _rows_key_scales(start, end, KS, KZ, ks_base, gi, d, HEAD_DIM, GROUP_SIZE)
+    kwa_n, vwa_n, vsa_n, vza_n = _rows_token_loads(start, end, kc_base, vc_base, VS, VZ, vs_base, gi, ti, rows, wk,
+                                                   wv, g_idx, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV, NWV_PAD, NG)
+    kwb_n, vwb_n, vsb_n, vzb_n = _rows_token_loads(start + TPG2, end, kc_base, vc_base, VS, VZ, vs_base, gi, ti, rows,
+                                                   wk, wv, g_idx, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV, NWV_PAD, NG)
     for t0 in range(start, end, BLOCK_N):
-        kw, ks, kz, vw, vsc, vze = kw_n, ks_n, kz_n, vw_n, vs_n, vz_n
-        kw_n, ks_n, kz_n, vw_n, vs_n, vz_n = _rows_step_loads(
-            t0 + BLOCK_N, end, kc_base, KS, KZ, ks_base, vc_base, VS, VZ, vs_base, gi, ti, rows, wk, wv, g_idx, d,
-            HEAD_DIM, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV, NWV_PAD, NG)
-        # ---- keys: [KGROUPS, TPG] tokens, scale of each group folded into q
+        ks, kz, kwa, vwa, vsa, vza, kwb, vwb, vsb, vzb = ks_n, kz_n, kwa_n, vwa_n, vsa_n, vza_n, kwb_n, vwb_n, vsb_n, vzb_n
+        ks_n, kz_n = _rows_key_scales(t0 + BLOCK_N, end, KS, KZ, ks_base, gi, d, HEAD_DIM, GROUP_SIZE)
+        kwa_n, vwa_n, vsa_n, vza_n = _rows_token_loads(t0 + BLOCK_N, end, kc_base, vc_base, VS, VZ, vs_base, gi, ti,
+                                                       rows, wk, wv, g_idx, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV, NWV_PAD, NG)
+        kwb_n, vwb_n, vsb_n, vzb_n = _rows_token_loads(t0 + BLOCK_N + TPG2, end, kc_base, vc_base, VS, VZ, vs_base, gi,
+                                                       ti, rows, wk, wv, g_idx, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV,
+                                                       NWV_PAD, NG)
+        # ---- keys: [KGROUPS, TPG2] tokens per half, scale of each group folded into q once for both
         qs = qk[None, :] * ks.to(tl.float32)                                   # [KGROUPS, D_PAD]
         qz = tl.sum(q[None, :] * kz.to(tl.float32), axis=1)                    # [KGROUPS]
-        s = _dot_planes(kw, qs, KEY_BITS, RAW) + qz[:, None]                   # [KGROUPS, TPG]
-        s = tl.reshape(s, (BLOCK_N,))
-        tok = t0 + rows
-        tok_ok = tok < end
-        s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
-        s = tl.where(tok_ok, s, float("-inf"))
+        sa = tl.reshape(_dot_planes(kwa, qs, KEY_BITS, RAW) + qz[:, None], (HALF,))
+        sb = tl.reshape(_dot_planes(kwb, qs, KEY_BITS, RAW) + qz[:, None], (HALF,))
+        toka = t0 + rows
+        tokb = toka + TPG2
+        sa = tl.where(toka < end, sa + _mask_bias(MASK, mask_row, toka, toka < end, s_mk, MASK_KIND), float("-inf"))
+        sb = tl.where(tokb < end, sb + _mask_bias(MASK, mask_row, tokb, tokb < end, s_mk, MASK_KIND), float("-inf"))
         # ---- lazy online softmax (one max per program)
-        p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
-        # ---- values: per-token scales folded into p
-        vcode = tl.reshape(_unpack(vw, VALUE_BITS, RAW), (BLOCK_N, NG_PAD, GROUP_SIZE))
-        acc += (p[:, None] * vsc.to(tl.float32))[:, :, None] * vcode
-        accz += p[:, None] * vze.to(tl.float32)
+        p, m, acc, accz, l_r = _lazy_softmax_rows(tl.join(sa, sb), m, acc, accz, l_r)
+        pa, pb = tl.split(p)
+        l_r += pa + pb
+        # ---- values: per-token scales folded into p, both halves into the same rows
+        vcode_a = tl.reshape(_unpack(vwa, VALUE_BITS, RAW), (HALF, NG_PAD, GROUP_SIZE))
+        vcode_b = tl.reshape(_unpack(vwb, VALUE_BITS, RAW), (HALF, NG_PAD, GROUP_SIZE))
+        acc += (pa[:, None] * vsa.to(tl.float32))[:, :, None] * vcode_a     # two separate adds: two FMAs per
+        acc += (pb[:, None] * vsb.to(tl.float32))[:, :, None] * vcode_b     # channel (a + b first would not fuse)
+        accz += pa[:, None] * vza.to(tl.float32)
+        accz += pb[:, None] * vzb.to(tl.float32)
 
     if LENGTHS_ON_DEVICE:
         # ---- this split's part of the window [Lq, L) (window row r = token - Lq; rows of the
@@ -707,8 +743,8 @@ def _kvpass_decode_rows(
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
         w_end = tl.minimum(start + chunk, L)
-        for t0 in range(tl.maximum(start, Lq), w_end, BLOCK_N):
-            tok = t0 + rows
+        for t0 in range(tl.maximum(start, Lq), w_end, HALF):
+            tok = t0 + wrows
             in_res = tok < w_end
             r = tok - Lq
             k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
@@ -716,24 +752,26 @@ def _kvpass_decode_rows(
             s += _mask_bias(MASK, mask_row, tok, in_res, s_mk, MASK_KIND)
             s = tl.where(in_res, s, float("-inf"))
             p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
+            l_r += p
             v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-            acc += p[:, None, None] * tl.reshape(v.to(tl.float32) / v_low[None, :], (BLOCK_N, NG_PAD, GROUP_SIZE))
+            acc += p[:, None, None] * tl.reshape(v.to(tl.float32) * v_high[None, :], (HALF, NG_PAD, GROUP_SIZE))
         t_start, t_end = _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT)
         if MASK_KIND == 0:   # score 0, value 0: closed form
-            m, acc, accz, l_r = _zero_tail_rows(t_end - t_start, m, acc, accz, l_r, rows)
+            m, acc, accz, l_r = _zero_tail_rows(t_end - t_start, m, acc, accz, l_r, wrows)
         else:                # score = the mask's bias; nothing to add to acc
-            for t0 in range(t_start, t_end, BLOCK_N):
-                tok = t0 + rows
+            for t0 in range(t_start, t_end, HALF):
+                tok = t0 + wrows
                 tok_ok = tok < t_end
                 s = tl.where(tok_ok, _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND), float("-inf"))
                 p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
+                l_r += p
     else:
         # ---- residual window [Lq, L) and zero tail [L, KV_LEN), in split `res_split`
         if pid_s == res_split:
             rk_base = RK + pid_b * s_rb + pid_h * s_rh
             rv_base = RV + pid_b * s_rb + pid_h * s_rh
-            for t0 in range(Lq, KV_LEN, BLOCK_N):
-                tok = t0 + rows
+            for t0 in range(Lq, KV_LEN, HALF):
+                tok = t0 + wrows
                 in_res = tok < L
                 tok_ok = tok < KV_LEN
                 r = tok - Lq
@@ -742,8 +780,9 @@ def _kvpass_decode_rows(
                 s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
                 s = tl.where(tok_ok, s, float("-inf"))
                 p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
+                l_r += p
                 v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-                acc += p[:, None, None] * tl.reshape(v.to(tl.float32) / v_low[None, :], (BLOCK_N, NG_PAD, GROUP_SIZE))
+                acc += p[:, None, None] * tl.reshape(v.to(tl.float32) * v_high[None, :], (HALF, NG_PAD, GROUP_SIZE))
 
     l_sum = tl.sum(l_r, axis=0)
     o = tl.reshape(tl.sum(acc, axis=0), (D_PAD,)) * v_low + tl.reshape(tl.broadcast_to(tl.sum(accz, axis=0)[:, None], (NG_PAD, GROUP_SIZE)), (D_PAD,))
