@@ -174,14 +174,14 @@ def default_config_for(spec: DecodeSpec) -> DecodeConfig:
     1 warp for 2-bit D=128, 2 for 4-bit) and ~8 programs per SM (CUDA-graph replays,
     results/tune_graph_s5_pairs*.csv: 2-bit B=1 T=32k 60 us, B=8 T=16k 216-234 us; 4-bit B=8
     T=16k 256-277 us; 64- and 128-token blocks hold more registers and lose);
-    GQA/MQA with G <= 32: the same rows variant (one program per query head), 16 programs per SM
-    (results/tune_graph_s5_gqa.csv, 32/8 heads: B=1 T=32k 54 us vs 67 for the tensor-core default
-    and 51 for bf16 SDPA; B=8 T=16k 206 us, equal to it);
-    GQA/MQA with G >= 64 (not re-measured since session 3): the tensor-core variant with unpadded
-    query rows, one key group per step, 1-2 warps and many splits (short programs, many in flight)."""
-    if spec.rep == 1 or spec.group_size <= 32:
+    GQA/MQA: the tensor-core variant with unpadded query rows, one key group per step, 1-2 warps
+    and many splits (short programs, many in flight). The rows variant (one program per query
+    head) is faster for GQA at batch 1 (32/8 heads, T=32k, 2-bit G32: 52-54 us vs 65-67 in graph
+    replays, results/tune_graph_s5_gqa.csv) but 15-50 % slower at batch 8-32 (results/attention.csv
+    run of session 5); the config key has no batch, so GQA keeps the tensor-core default."""
+    if spec.rep == 1:
         return replace(DEFAULT_CONFIG, use_dot=False, block_n=32, num_warps=rows_warps(spec, 32), num_stages=2,
-                       ctas_per_sm=8 if spec.rep == 1 else 16)
+                       ctas_per_sm=8)
     if spec.group_size >= 64:
         return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64, num_warps=1, num_stages=3, ctas_per_sm=32)
     return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=min(32, spec.group_size), num_warps=2,
