@@ -13,7 +13,8 @@ Constexprs:
     HEAD_DIM               64, 80, 96, 128, 256 (any multiple of 16 <= 256); D_PAD = next power of 2
     dtype                  the type of Q: fp16, bf16, fp32 (the model dtype: q, residual window,
                            output); scales/zeros are fp16 for half models, fp32 for fp32 models
-    BLOCK_N                tokens per step (dot: divides G, one key group per step; rows: nests with G)
+    BLOCK_N                tokens per step (dot: divides G, one key group per step; rows: nests with G,
+                           >= 16, two halves whose same rows one thread owns: BLOCK_N / 2 rows)
     HB                     (dot) query rows per program: REP rounded up to a power of 2, or padded to
                            DecodeConfig.pad_heads
     MASK_KIND              0 none, 1 bool (True = attend), 2 additive float
