@@ -94,7 +94,8 @@ def decode_loop(step, first, cache, steps, warmup, start_pos, static, loop="sync
         out = step(**kw)
         tok = out.logits[:, -1:].argmax(-1)
         pos += 1
-        pos_dev = pos_dev + 1
+        if loop == "async":
+            pos_dev = pos_dev + 1
     sync()
     return time.perf_counter() - t0, tok
 
