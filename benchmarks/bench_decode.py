@@ -132,11 +132,50 @@ def host_time(step, tok, cache, pos, n):
     return dict(host_ms_per_step=host_ms, host_profile="\n".join(lines) + "\n")
 
 
-def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0, loop="sync", host_steps=0):
+def kernel_profile(step, tok, cache, pos, n):
+    """GPU kernels of n async decode steps (torch.profiler, CUDA activity; kernels replayed inside
+    CUDA graphs are traced one by one): a table of GPU time and launches per step by kernel name,
+    the GPU-busy time per step and the wall time per step (the profiler adds host time, not GPU
+    time). Uses n + 2 cache slots."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pos_dev = torch.tensor([pos], device=DEV)
+    out = step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos_dev)  # warm
+    tok, pos_dev = out.logits[:, -1:].argmax(-1), pos_dev + 1
+    sync()
+    act = ProfilerActivity.CPU if DRY else ProfilerActivity.CUDA  # the dry run lists CPU ops
+    with profile(activities=[act]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos_dev)
+            tok = out.logits[:, -1:].argmax(-1)
+            pos_dev = pos_dev + 1
+        sync()
+        wall = time.perf_counter() - t0
+    rows = {}
+    for e in prof.events():
+        if not DRY and (e.device_type is None or "cuda" not in str(e.device_type).lower()):
+            continue
+        t = e.cpu_time if DRY else (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) or 0.0)
+        r = rows.setdefault(e.name[:90], [0, 0.0])
+        r[0] += 1
+        r[1] += t
+    busy = sum(r[1] for r in rows.values()) / n
+    lines = [f"GPU busy {busy / 1e3:.3f} ms per step, wall {wall / n * 1e3:.3f} ms per step (profiled), "
+             f"{sum(r[0] for r in rows.values()) / n:.0f} kernels per step",
+             "   us/step  launches/step  kernel"]
+    for name, (cnt, t) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"{t / n:10.1f} {cnt / n:14.1f}  {name}")
+    return dict(gpu_busy_ms_per_step=busy / 1e3, kernels_per_step=sum(r[0] for r in rows.values()) / n,
+                kernel_profile="\n".join(lines) + "\n")
+
+
+def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0, loop="sync", host_steps=0,
+                 kernel_steps=0):
     from transformers import StaticCache
 
     ids = torch.randint(0, cfg.vocab_size, (B, P), device=DEV)
-    cache = StaticCache(config=cfg, max_cache_len=P + warmup + steps + spare_slots + 2 * host_steps)
+    cache = StaticCache(config=cfg, max_cache_len=P + warmup + steps + spare_slots + 2 * host_steps + kernel_steps + 2)
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
                     cache_position=torch.arange(P, device=DEV))
@@ -147,6 +186,8 @@ def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0, l
         res = dict(tokens_per_s=B * steps / secs, ms_per_step=secs / steps * 1e3, peak_gb=peak_gb())
         if host_steps:
             res.update(host_time(compiled_fwd, tok, cache, P + warmup + steps, host_steps))
+        if kernel_steps:
+            res.update(kernel_profile(compiled_fwd, tok, cache, P + warmup + steps + 2 * host_steps, kernel_steps))
     del cache
     return res
 
@@ -169,7 +210,7 @@ def run_kvpass(model, cfg, P, B, steps, warmup, compiled_fwd, profile=False):
     return res
 
 
-def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd, loop="sync", host_steps=0):
+def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd, loop="sync", host_steps=0, kernel_steps=0):
     """kvpass on a StaticCache (the baseline's loop): the store keeps its lengths on the device, so
     under mode="reduce-overhead" kvpass's CudaGraphRunner replays whole decode steps. The eager
     prefill fills the StaticCache's bf16 buffers, which stay allocated (they count in peak memory);
@@ -177,7 +218,8 @@ def run_kvpass_static(model, cfg, P, B, steps, warmup, compiled_fwd, loop="sync"
     from kvpass import cudagraph
 
     before = cudagraph.total_replays()
-    res = run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=8, loop=loop, host_steps=host_steps)
+    res = run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=8, loop=loop, host_steps=host_steps,
+                       kernel_steps=kernel_steps)
     res["graph_replays"] = cudagraph.total_replays() - before
     return res
 
@@ -353,6 +395,9 @@ def main():
                     "sync (host-built position, blocking copy per step), async (position advanced on the device)")
     ap.add_argument("--host-steps", type=int, default=0,
                     help="after each static-cache run, time the host side of this many async steps (+ cProfile)")
+    ap.add_argument("--kernel-steps", type=int, default=0,
+                    help="after each static-cache run, profile the GPU kernels of this many async steps "
+                         "(writes kernels_KIND_LOOP_PxB.txt)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--no-extras", action="store_true", help="skip the host-overhead and largest-batch measurements")
     ap.add_argument("--only-extras", action="store_true", help="host overheads + largest batch, no model runs")
@@ -420,17 +465,22 @@ def main():
                 if kind == "kvpass2":
                     res = run_kvpass(model, cfg, P, B, args.steps, args.warmup, kv_fwd, profile=(B == 1))
                 elif kind == "kvpass2_static_graphs":
-                    res = run_kvpass_static(model, cfg, P, B, args.steps, args.warmup, kv_graph_fwd, loop, args.host_steps)
+                    res = run_kvpass_static(model, cfg, P, B, args.steps, args.warmup, kv_graph_fwd, loop, args.host_steps,
+                                            args.kernel_steps)
                 elif kind == "bf16_static_graphs":
                     res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_graph_fwd, loop=loop,
-                                       host_steps=args.host_steps)
+                                       host_steps=args.host_steps, kernel_steps=args.kernel_steps)
                 else:
                     res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_fwd, loop=loop,
-                                       host_steps=args.host_steps)
+                                       host_steps=args.host_steps, kernel_steps=args.kernel_steps)
                 profile_text = res.pop("host_profile", None)
                 if profile_text:
                     with open(os.path.join(args.out, f"host_profile_{kind}_{loop}_{P}x{B}.txt"), "w") as f:
                         f.write(profile_text)
+                kernel_text = res.pop("kernel_profile", None)
+                if kernel_text:
+                    with open(os.path.join(args.out, f"kernels_{kind}_{loop}_{P}x{B}.txt"), "w") as f:
+                        f.write(kernel_text)
                 res.update(kind=kind, loop=loop, prompt=P, batch=B, note="")
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()

@@ -24,11 +24,12 @@ Two append paths with bit-identical results (`lowering/dispatch.py` picks one pe
         whole groups straight into the part buffers and shifts the rest of the window down. A
         write that does not fit (a prefill) concatenates window and new tokens first (torch).
 Device-lengths mode (`enable_device_lengths`, used for static caches when the kernels apply): Lq and L
-also live in `device_lengths` (int32 [4] = Lq, L, error, spare) and every buffer is allocated up front
-(parts for the cache's capacity, a window of R + 2G tokens). A decode write (`append_at`) is one
-launch of the quantize-append kernel in its FROM_STATE mode, which reads the lengths and the cache
-positions on the device, writes the token, flushes when due and updates the lengths there; the
-decode kernel reads them there too. Nothing on that path reads a length on the host, so it can be
+also live in `device_lengths` (int32 [4] = Lq, L, error, and a count of the append kernel's programs
+that is 0 between launches) and every buffer is allocated up front (parts for the cache's
+capacity, a window of R + 2G tokens). A decode write (`append_at`) is one launch of the
+quantize-append kernel in its FROM_STATE mode, which reads the lengths and the cache positions
+on the device, writes the token, flushes when due and updates the lengths there; the decode
+kernel reads them there too. Nothing on that path reads a length on the host, so it can be
 replayed from a CUDA graph (kvpass/cudagraph.py). Host-side users (prefill appends, truncate, reads,
 `length`) first sync the host fields from the device (`_host_view`, counted by `host_path_uses`).
 Reads (`read_keys` / `read_values`: multi-token queries, eager-attention models) are routed the same
@@ -133,9 +134,8 @@ class KVStore:
         self.res_k = torch.empty(B, H, 0, Dk, dtype=dtype, device=device)  # [B, H, L - Lq, Dk]
         self.res_v = torch.empty(B, H, 0, Dv, dtype=dtype, device=device)
         self._win_k = self._win_v = None  # kernel path: [B, H, R + G (+ G), D] buffers, res_k/res_v their prefix
-        # device-lengths mode (enable_device_lengths): int32 [4] = (Lq, L, error, spare) on the device
+        # device-lengths mode (enable_device_lengths): int32 [4] = (Lq, L, error, append ticket count) on the device
         self.device_lengths: torch.Tensor | None = None
-        self._lengths_next: torch.Tensor | None = None
         self._host_stale = False  # the device lengths moved on since the host fields were synced
 
     @property
@@ -174,7 +174,6 @@ class KVStore:
         self._ensure_window()
         self._to_window_buffer()
         self.device_lengths = torch.zeros(4, dtype=torch.int32, device=self.device)
-        self._lengths_next = torch.zeros(4, dtype=torch.int32, device=self.device)
         self._push_lengths()
 
     @property
@@ -194,7 +193,7 @@ class KVStore:
             k_new, v_new = k_new.contiguous(), v_new.contiguous()
         kb, vb = self.keys.buffers, self.values.buffers
         kernels.append_from_state(
-            k_new, v_new, positions.reshape(-1), self.device_lengths, self._lengths_next, self._win_k, self._win_v,
+            k_new, v_new, positions.reshape(-1), self.device_lengths, self._win_k, self._win_v,
             kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"],
             key_bits=self.cfg.key_bits, value_bits=self.cfg.value_bits, group_size=self.cfg.group_size,
             residual_length=self.cfg.residual_length)
@@ -436,7 +435,12 @@ def live_stores() -> list[KVStore]:
 
 
 def new_token(store: KVStore) -> torch.Tensor:
-    """A fresh 1-element NaN tensor registered to `store`; the write op's output."""
-    token = torch.full((1,), float("nan"), dtype=store.dtype, device=store.device)
+    """A fresh 1-element tensor registered to `store`; the write op's output. NaN off CUDA; on CUDA
+    left uninitialized (a fill would be one more kernel per layer in every decode step: 1 us each
+    on the H100). Only kvpass ops consume a token, and they use its storage, never its value."""
+    if store.device.type == "cuda":
+        token = torch.empty((1,), dtype=store.dtype, device=store.device)
+    else:
+        token = torch.full((1,), float("nan"), dtype=store.dtype, device=store.device)
     register(token, store)
     return token

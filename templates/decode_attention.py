@@ -5,7 +5,9 @@ Two kernel templates, one compiled specialization per combination of their const
 `kvpass_attn_b2_g32_d128_bf16` (or `kvpass_attn_k2v4_g32_d128_bf16` for mixed widths):
   _kvpass_decode_dot   tensor cores: the REP = Hq/Hkv query heads of one KV head are the MMA rows
   _kvpass_decode_rows  CUDA cores: one query head per program, each thread owns token rows
-  _kvpass_decode_reduce  combines the splits' (acc, m, l)
+  _kvpass_decode_reduce  combines the splits' (acc, m, l) in a launch of its own; by default
+                       (DecodeConfig.fuse_reduce) the program that finishes a row's splits last
+                       combines them instead (`_last_split`: a counter per row, reset by that program)
 Constexprs:
     KEY_BITS, VALUE_BITS   2, 4, 8 (mixed allowed); codes packed LSB-first in bytes (lowering/kivi.py)
     GROUP_SIZE             16, 32, 64, 128: G tokens per key scale (per channel), G channels per
@@ -18,7 +20,9 @@ Constexprs:
     HB                     (dot) query rows per program: REP rounded up to a power of 2, or padded to
                            DecodeConfig.pad_heads
     MASK_KIND              0 none, 1 bool (True = attend), 2 additive float
-    SINGLE                 one split: write the output directly (no reduce launch)
+    SINGLE                 one split: write the output directly (no reduce)
+    FUSE_REDUCE            several splits: the last program of a row (rows) or KV head (dot) reduces
+                           them (`_last_split`, counters in CNT int32, zero between launches)
     LENGTHS_ON_DEVICE      Lq and L are read from the int32 tensor LENS (device-lengths mode, CUDA-graph
                            capturable); else they are host ints (LENS is None: the host-mode
                            specialization compiles to the same code as before this mode existed)
@@ -92,6 +96,7 @@ class DecodeConfig:
     ctas_per_sm: int = 4       # split-KV target: B * Hkv * splits ~ ctas_per_sm * SMs
     min_groups_per_split: int = 4
     pad_heads: int = 16        # dot variant: query rows per program padded to >= this (1 = exact)
+    fuse_reduce: bool = True   # with several splits, the last program of a row reduces them (one launch)
 
 
 DEFAULT_CONFIG = DecodeConfig()
@@ -627,12 +632,13 @@ def _zero_tail_heads(cnt, m_i, acc, l_i):
 
 @triton.jit(do_not_specialize=_DNS)
 def _kvpass_decode_rows(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT, LENS,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT, LENS, CNT,
     s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh, s_mb, s_mh, s_mk,
     Lq, L, KV_LEN, chunk, res_split, NUM_SPLITS_RT, qk_scale, REP,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr, USE_ASM: tl.constexpr = False,
+    FUSE_REDUCE: tl.constexpr = False,
 ):
     """CUDA-core variant: one query head per program; each thread owns whole token rows, so the
     q.k dot is an in-thread FMA chain and P.V accumulates per row in registers (rows are summed
@@ -793,21 +799,25 @@ def _kvpass_decode_rows(
     if SINGLE:
         tl.store(OUT + (pid_b * tl.num_programs(1) * REP + hq) * HEAD_DIM + d, (o / l_sum).to(OUT.dtype.element_ty), mask=d_ok)
     else:
-        row = (pid_b * tl.num_programs(1) * REP + hq) * NUM_SPLITS_RT + pid_s
+        orow = pid_b * tl.num_programs(1) * REP + hq
+        row = orow * NUM_SPLITS_RT + pid_s
         tl.store(OP + row * HEAD_DIM + d, o, mask=d_ok)
         tl.store(OM + row, m)
         tl.store(OL + row, l_sum)
+        if FUSE_REDUCE:
+            if _last_split(CNT + orow, NUM_SPLITS_RT):
+                _reduce_row(OP, OM, OL, OUT, orow, NUM_SPLITS_RT, HEAD_DIM, D_PAD, 16)
 
 
 @triton.jit(do_not_specialize=_DNS)
 def _kvpass_decode_dot(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT, LENS,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, OUT, LENS, CNT,
     s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh, s_mb, s_mh, s_mk,
     Lq, L, KV_LEN, chunk, res_split, NUM_SPLITS_RT, qk_scale, REP,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr,
     MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, USE_ASM: tl.constexpr, EMULATE_DOT: tl.constexpr,
-    LENGTHS_ON_DEVICE: tl.constexpr,
+    LENGTHS_ON_DEVICE: tl.constexpr, FUSE_REDUCE: tl.constexpr = False,
 ):
     """Tensor-core variant: the REP query heads of one KV head, padded to HB >= 16 rows, in one
     program (GQA/MQA; MHA pads 1 row to 16, which the tensor cores absorb). Per step one key group
@@ -973,26 +983,63 @@ def _kvpass_decode_dot(
         tl.store(OP + row[:, None] * HEAD_DIM + dv[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
         tl.store(OM + row, m_i, mask=h_ok)
         tl.store(OL + row, l_i, mask=h_ok)
+        if FUSE_REDUCE:
+            kv_row = pid_b * tl.num_programs(1) + pid_h
+            if _last_split(CNT + kv_row, NUM_SPLITS_RT):
+                for j in range(REP):
+                    _reduce_row(OP, OM, OL, OUT, kv_row * REP + j, NUM_SPLITS_RT, HEAD_DIM, D_PAD, 16)
+
+
+@triton.jit
+def _last_split(COUNTER, NUM_SPLITS_RT):
+    """True in the program that finishes a row's splits last (fused reduce). Called after the
+    program stored its partials: the barrier orders every thread's stores before the gpu-scope
+    acq_rel ticket (release), and the last ticket's acquire makes all splits' partials visible to
+    the reads that follow (the ticket is shared with the program's threads through a barrier).
+    The last program resets the counter to 0 for the next launch (CUDA-graph replays reuse it)."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(COUNTER, 1, sem="acq_rel")
+    last = ticket == NUM_SPLITS_RT - 1
+    if last:
+        tl.store(COUNTER, 0)
+    return last
+
+
+@triton.jit
+def _reduce_row(OP, OM, OL, OUT, orow, NUM_SPLITS_RT,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_BLOCK: tl.constexpr):
+    """OUT[orow] = sum_s 2**(m_s - M) acc_s / sum_s 2**(m_s - M) l_s over the NUM_SPLITS_RT splits
+    of output row orow (OP [rows * splits, HEAD_DIM], OM/OL [rows * splits] fp32), S_BLOCK splits
+    at a time. Splits that saw nothing (m = -inf) weigh 0. Loads bypass L1 (.cg): in the fused
+    reduce other programs of the same launch wrote these partials."""
+    sp = tl.arange(0, S_BLOCK)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    base = orow * NUM_SPLITS_RT
+    m_max = tl.full([], float("-inf"), tl.float32)
+    for s0 in range(0, NUM_SPLITS_RT, S_BLOCK):
+        s_ok = s0 + sp < NUM_SPLITS_RT
+        m = tl.load(OM + base + s0 + sp, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        m_max = tl.maximum(m_max, tl.max(m, axis=0))
+    o = tl.zeros([D_PAD], tl.float32)
+    denom = tl.zeros([], tl.float32)
+    for s0 in range(0, NUM_SPLITS_RT, S_BLOCK):
+        s_ok = s0 + sp < NUM_SPLITS_RT
+        m = tl.load(OM + base + s0 + sp, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        lsum = tl.load(OL + base + s0 + sp, mask=s_ok, other=0.0, cache_modifier=".cg")
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+        denom += tl.sum(w * lsum, axis=0)
+        part = tl.load(OP + (base + s0 + sp)[:, None] * HEAD_DIM + d[None, :],
+                       mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+        o += tl.sum(part * w[:, None], axis=0)
+    tl.store(OUT + orow * HEAD_DIM + d, (o / denom).to(OUT.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit(do_not_specialize=["NUM_SPLITS_RT"])
 def _kvpass_decode_reduce(OP, OM, OL, OUT, NUM_SPLITS_RT,
-                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_POW2: tl.constexpr):
-    """out[row] = sum_s 2**(m_s - M) acc_s / sum_s 2**(m_s - M) l_s over the splits of one row."""
-    row = tl.program_id(0)                      # b * Hq + hq
-    sp = tl.arange(0, S_POW2)
-    s_ok = sp < NUM_SPLITS_RT
-    d = tl.arange(0, D_PAD)
-    d_ok = d < HEAD_DIM
-    m = tl.load(OM + row * NUM_SPLITS_RT + sp, mask=s_ok, other=float("-inf"))
-    lsum = tl.load(OL + row * NUM_SPLITS_RT + sp, mask=s_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
-    denom = tl.sum(w * lsum, axis=0)
-    o = tl.load(OP + (row * NUM_SPLITS_RT + sp)[:, None] * HEAD_DIM + d[None, :],
-                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    o = tl.sum(o * w[:, None], axis=0) / denom
-    tl.store(OUT + row * HEAD_DIM + d, o.to(OUT.dtype.element_ty), mask=d_ok)
+                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_BLOCK: tl.constexpr):
+    """The reduce as its own launch (DecodeConfig.fuse_reduce=False): one program per output row."""
+    _reduce_row(OP, OM, OL, OUT, tl.program_id(0), NUM_SPLITS_RT, HEAD_DIM, D_PAD, S_BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1008,6 +1055,24 @@ def _num_sms(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+_SPLIT_COUNTERS: dict = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 [>= n] zeros on `device`, one per output row (rows variant) or KV head (dot variant)
+    of the fused reduce: each program of a launch increments its row's counter once and the last
+    one sets it back to 0, so the buffer is all zeros between launches and is reused by every
+    launch on the same stream (kernels of one stream never overlap). One buffer per (device,
+    stream), so decode calls running at once on two streams do not share counters. Buffers are
+    kept for the life of the process: a CUDA graph that captured a launch keeps using its pointer."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (str(device), stream)
+    bufs = _SPLIT_COUNTERS.setdefault(key, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 1024, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 def _interpreting() -> bool:
@@ -1163,6 +1228,8 @@ def decode_attention(
         out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
     else:
         assert out.shape == (B, Hq, 1, D) and out.dtype == q.dtype and out.is_contiguous(), "bad `out`"
+    fuse = cfg.fuse_reduce and not single
+    counters = split_counters(q.device, B * (H if use_dot else Hq)) if fuse else out  # `out`: never read
     if single:
         op = om = ol = out
     else:
@@ -1170,23 +1237,23 @@ def decode_attention(
         om = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
         ol = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
     args = (
-        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, mask, op, om, ol, out, lengths,
+        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, mask, op, om, ol, out, lengths, counters,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), k_scale.stride(0), k_scale.stride(1),
         vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1), rs[0], rs[1], s_m[0], s_m[1], s_m[2],
         Lq, L, kv_len, chunk, res_split, S, sm_scale * LOG2E, rep,
     )
     common = dict(KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, HEAD_DIM=D, D_PAD=D_PAD,
                   BLOCK_N=block_n, MASK_KIND=mask_kind, SINGLE=single, LENGTHS_ON_DEVICE=lengths is not None,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  FUSE_REDUCE=fuse, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     interp = _interpreting()
     if use_dot:
         _launch(_kvpass_decode_dot, (S, H, B), args, dict(common, HB=max(cfg.pad_heads, _next_pow2(rep)), EMULATE_DOT=interp,
                 USE_ASM=(not interp) and q.dtype != torch.float32 and cfg.use_asm))
     else:
         _launch(_kvpass_decode_rows, (rep * S, H, B), args, dict(common, USE_ASM=(not interp) and cfg.use_asm))
-    if not single:
+    if not single and not fuse:
         _launch(_kvpass_decode_reduce, (B * Hq,), (op, om, ol, out, S),
-                dict(HEAD_DIM=D, D_PAD=D_PAD, S_POW2=max(2, _next_pow2(S)), num_warps=4))
+                dict(HEAD_DIM=D, D_PAD=D_PAD, S_BLOCK=min(64, max(2, _next_pow2(S))), num_warps=4))
     return out
 
 

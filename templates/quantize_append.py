@@ -164,7 +164,7 @@ def _kvpass_quantize_append(
     s_wkb, s_wkh, s_wvb, s_wvh,                 # window strides (token stride HEAD_DIM)
     s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh,  # part strides (rows contiguous)
     n_groups, groups_per_prog, row0, rest,
-    NK, NV, POS, ST, ST_NEXT, s_nkb, s_nkh, s_nkt, s_nvb, s_nvh, s_nvt, R_LEN, CAP,  # FROM_STATE only
+    NK, NV, POS, ST, s_nkb, s_nkh, s_nkt, s_nvb, s_nvh, s_nvt, R_LEN, CAP,  # FROM_STATE only
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, VALUE_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
     USE_RINT: tl.constexpr, FROM_STATE: tl.constexpr, N_NEW: tl.constexpr,
@@ -207,7 +207,7 @@ def _kvpass_quantize_append(
     cc = c0 + tl.arange(0, BLOCK_C)
     c_ok = cc < HEAD_DIM
     if FROM_STATE:
-        # the decode step of a store with device-side lengths: ST = (Lq, L, error, spare) int32;
+        # the decode step of a store with device-side lengths: ST = (Lq, L, error, ticket count) int32;
         # the N_NEW new tokens go to positions POS[0..N_NEW) (int64), i.e. window rows
         # [POS[0] - Lq, ...); SK/SV and WK/WV are the window buffers themselves
         NP2: tl.constexpr = 1 if N_NEW == 1 else 1 << (N_NEW - 1).bit_length()
@@ -233,13 +233,19 @@ def _kvpass_quantize_append(
         new_v = tl.load(NV + b * s_nvb + h * s_nvh + pp[:, None] * s_nvt + cc[None, :], mask=new_ok)
         tl.store(WK + b * s_wkb + h * s_wkh + dst, new_k.to(WK.dtype.element_ty), mask=new_ok)
         tl.store(WV + b * s_wvb + h * s_wvh + dst, new_v.to(WV.dtype.element_ty), mask=new_ok)
-        tl.debug_barrier()  # the new rows are read below by other threads of this program
-        if (pid_g == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+        tl.debug_barrier()  # the new rows are read below by other threads of this program; ST was read
+        # ST is updated in place by the last program to take a ticket (ST[3] counts them): every
+        # program has read ST before its ticket (the barrier above orders the reads of all its
+        # threads before the acq_rel atomic), so nothing reads ST after it changes. The last one
+        # resets the count for the next launch (a CUDA-graph replay reuses ST).
+        n_progs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        ticket = tl.atomic_add(ST + 3, 1, sem="acq_rel")
+        if ticket == n_progs - 1:
             err = tl.load(ST + 2)
-            tl.store(ST_NEXT, lq_now + n_groups * GROUP_SIZE)
-            tl.store(ST_NEXT + 1, tl.where(bad, l_now, pos0 + N_NEW))
-            tl.store(ST_NEXT + 2, tl.where(bad, 1, err))
-            tl.store(ST_NEXT + 3, tl.load(ST + 3))
+            tl.store(ST, lq_now + n_groups * GROUP_SIZE)
+            tl.store(ST + 1, tl.where(bad, l_now, pos0 + N_NEW))
+            tl.store(ST + 2, tl.where(bad, 1, err))
+            tl.store(ST + 3, 0)
     else:
         g_lo = pid_g * groups_per_prog
         g_hi = tl.minimum(g_lo + groups_per_prog, n_groups)
@@ -385,7 +391,7 @@ def quantize_append(
             k_codes.stride(0), k_codes.stride(1), k_scale.stride(0), k_scale.stride(1),
             v_codes.stride(0), v_codes.stride(1), v_scale.stride(0), v_scale.stride(1),
             n_groups, gpp, row, rest,
-            src_k, src_v, src_k, src_k, src_k, 0, 0, 0, 0, 0, 0, 0, 0,  # FROM_STATE arguments: unused
+            src_k, src_v, src_k, src_k, 0, 0, 0, 0, 0, 0, 0, 0,  # FROM_STATE arguments: unused
             KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, VALUE_GROUP=GV, HEAD_DIM=D,
             BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_T=block_t, USE_RINT=_use_rint(src_k.device),
             FROM_STATE=False, N_NEW=1, num_warps=cfg.num_warps, num_stages=1,
@@ -399,7 +405,7 @@ def _blocks(cfg: AppendConfig, G: int, GV: int, D: int) -> tuple[int, int, int]:
 
 def append_from_state(
     k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor,
-    lengths: torch.Tensor, lengths_next: torch.Tensor,
+    lengths: torch.Tensor,
     window_k: torch.Tensor, window_v: torch.Tensor,
     k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
     v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
@@ -409,12 +415,12 @@ def append_from_state(
     """One decode write of a store whose lengths live on the device (CUDA-graph capturable: the
     launch depends on shapes only, and nothing is read back to the host).
 
-    lengths int32 [4] = (Lq, L, error, spare) on the device; the kernel reads them, writes the
+    lengths int32 [4] = (Lq, L, error, ticket count) on the device; the kernel reads them, writes the
     new tokens k_new/v_new [B, H, n, D] (n <= G + 1, channel stride 1) to window rows
     [positions[0] - Lq, ... + n), flushes the oldest whole groups into the parts when the window
-    reaches R + G tokens (exactly as `KVStore.append`), and writes the updated lengths to
-    `lengths_next`, which is then copied into `lengths` (a second launch: programs read `lengths`
-    while it is being produced). A write at position 0 starts the cache over (Lq = 0: a reset
+    reaches R + G tokens (exactly as `KVStore.append`), and updates `lengths` in place (one launch:
+    the last program to finish reading them writes them; lengths[3] counts the programs and is 0
+    between launches). A write at position 0 starts the cache over (Lq = 0: a reset
     cache's new prompt). A write that is not at consecutive positions in [Lq, L], or that
     runs past the parts' capacity, changes nothing and sets lengths[2] = 1, which the store
     reports (KVStoreError) at its next host-side use. window_k/window_v [B, H, >= R + G + n - 1, D]
@@ -435,10 +441,9 @@ def append_from_state(
             k_codes.stride(0), k_codes.stride(1), k_scale.stride(0), k_scale.stride(1),
             v_codes.stride(0), v_codes.stride(1), v_scale.stride(0), v_scale.stride(1),
             0, 1, 0, 0,
-            k_new, v_new, positions, lengths, lengths_next, k_new.stride(0), k_new.stride(1), k_new.stride(2),
+            k_new, v_new, positions, lengths, k_new.stride(0), k_new.stride(1), k_new.stride(2),
             v_new.stride(0), v_new.stride(1), v_new.stride(2), residual_length, cap,
             KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, VALUE_GROUP=GV, HEAD_DIM=D,
             BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_T=block_t, USE_RINT=_use_rint(k_new.device),
             FROM_STATE=True, N_NEW=n, num_warps=cfg.num_warps, num_stages=1,
         )
-    lengths.copy_(lengths_next)

@@ -65,6 +65,7 @@ def test_device_steps_equal_host_steps(kernel_path, kb, vb, G, R, D, dtype, n):
         dev.append_at(k, v, _positions(pos, n), kernels)
         assert store_mod.host_path_uses() == uses, "a device step used host-side state"
         pos += n
+    assert int(dev.device_lengths[3]) == 0, "the append kernel's program count was not reset after its launch"
     _assert_same(host, dev)
     assert dev.quantized_length > P  # flushes happened on the device
 

@@ -221,12 +221,20 @@ def test_kv_len_shorter_than_store():
         _check(q, st, kv_len=kv_len, config=DOT)
 
 
-def test_many_splits_and_poisoned_output():
-    """Many splits (the reduce kernel), the residual split, and no stale output element."""
+@pytest.mark.parametrize("fuse_reduce", [True, False])
+def test_many_splits_and_poisoned_output(fuse_reduce):
+    """Many splits (17: more than one 16-split block of the reduce), the residual split, and no
+    stale output element; the reduce fused into the last program of a row (its counters are back
+    to zero after every launch) or in a launch of its own."""
     st = _make_store(2, 2, 128, 16 * 32 + 45, 2, 2, 32, 32, torch.bfloat16, 3)
     q = _q(2, 8, 128, torch.bfloat16, 3)
-    _check(q, st, config=da.DecodeConfig(use_dot=True, min_groups_per_split=1, ctas_per_sm=1024))
-    _check(q, st, config=da.DecodeConfig(use_dot=False, min_groups_per_split=1, ctas_per_sm=1024, block_n=32))
+    for use_dot in (True, False):
+        cfg = da.DecodeConfig(use_dot=use_dot, min_groups_per_split=1, ctas_per_sm=1024, block_n=32,
+                              fuse_reduce=fuse_reduce)
+        for _ in range(2):  # the second launch reuses the counters the first one left
+            _check(q, st, config=cfg)
+            if fuse_reduce:
+                assert int(da.split_counters(DEVICE, 1).abs().sum()) == 0, "split counters not reset"
 
 
 @pytest.mark.skipif(not ON_GPU, reason="inline-PTX unpacking runs only on the GPU")
