@@ -18,6 +18,10 @@ class KVPassBackend:
 
     def __init__(self, config: KVPassConfig):
         self.config = config
+        if config.autotune:
+            from kvpass.templates.decode_configs import set_autotune
+
+            set_autotune(True)
         self._reports: dict[str, GraphReport] = {}
         self.graphs: dict[str, torch.fx.GraphModule] = {}  # Dynamo graph code -> rewritten module (for inspection)
 
@@ -74,14 +78,16 @@ def _on_cuda(example_inputs) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
-def backend(bits=2, group_size=32, residual_length=128, key_bits=None, value_bits=None, inner="inductor") -> KVPassBackend:
+def backend(bits=2, group_size=32, residual_length=128, key_bits=None, value_bits=None, inner="inductor",
+            autotune=False) -> KVPassBackend:
     """A torch.compile backend that stores the KV cache quantized (KIVI: keys per-channel,
     values per-token, a full-precision window of the `residual_length` newest tokens).
 
     bits: 2, 4, 8, or 16 (no quantization); key_bits/value_bits override it per tensor.
+    autotune: time the decode kernel's configs on first use and cache the fastest (KVPassConfig).
     Raises ValueError/TypeError on invalid arguments, naming the valid choices.
     """
-    return KVPassBackend(KVPassConfig.from_args(bits, group_size, residual_length, key_bits, value_bits, inner))
+    return KVPassBackend(KVPassConfig.from_args(bits, group_size, residual_length, key_bits, value_bits, inner, autotune))
 
 
 def dynamo_backend(gm, example_inputs, **kwargs):

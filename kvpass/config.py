@@ -33,6 +33,10 @@ class KVPassConfig:
     residual_length: R most recent tokens kept in full precision, a multiple of G.
     inner: what compiles the rewritten graph ("inductor" in production; "eager"/"aot_eager" for
     fast debugging and tests).
+    autotune: time the decode kernel's candidate configs at the first decode call of each kind of
+    call (bits, group, head_dim, dtype, length bucket, GQA, batch bucket) and cache the fastest in
+    ~/.cache/kvpass/decode_configs.json (KVPASS_CONFIG_CACHE overrides), so later processes reuse
+    it. Process-wide once a backend with autotune=True is created (as KVPASS_AUTOTUNE=1).
     """
 
     key_bits: int = 2
@@ -40,9 +44,11 @@ class KVPassConfig:
     group_size: int = 32
     residual_length: int = 128
     inner: str = "inductor"
+    autotune: bool = False
 
     @classmethod
-    def from_args(cls, bits=2, group_size=32, residual_length=128, key_bits=None, value_bits=None, inner="inductor"):
+    def from_args(cls, bits=2, group_size=32, residual_length=128, key_bits=None, value_bits=None, inner="inductor",
+                  autotune=False):
         _check_bits("bits", bits)
         key_bits = bits if key_bits is None else key_bits
         value_bits = bits if value_bits is None else value_bits
@@ -63,7 +69,9 @@ class KVPassConfig:
             )
         if inner not in VALID_INNER:
             raise ValueError(f"kvpass: inner={inner!r} is not valid; use one of {VALID_INNER}.")
-        return cls(key_bits, value_bits, group_size, residual_length, inner)
+        if not isinstance(autotune, bool):
+            raise TypeError(f"kvpass: autotune must be True or False, got {autotune!r} ({type(autotune).__name__}).")
+        return cls(key_bits, value_bits, group_size, residual_length, inner, autotune)
 
     @property
     def quantizes(self) -> bool:

@@ -60,152 +60,22 @@ Performance and its limits on the H100: benchmarks/NOTES.md.
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
-from dataclasses import asdict, dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-log = logging.getLogger("kvpass")
+from kvpass.templates.decode_configs import (  # noqa: F401  (configs are part of this module's API)
+    _DTYPE_NAMES, CONFIG_TABLE, DEFAULT_CONFIG, DecodeConfig, DecodeSpec, autotune_enabled, config_key,
+    default_config_for, get_config, kernel_name, length_bucket, rows_warps, save_tuned, set_autotune, tune,
+)
 
 LOG2E = 1.4426950408889634
 SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_GROUPS = (16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Configs
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """Launch parameters of the decode kernel. `DecodeConfig()` is the safe default (valid for
-    every supported spec: BLOCK_N is clipped to the group size)."""
-
-    block_n: int = 64          # tokens per step (the dot variant clips it to the group size)
-    use_dot: bool = True       # tensor-core variant; else the CUDA-core rows variant (best for MHA)
-    use_asm: bool = True       # packed 16-bit unpacking in inline PTX (GPU); else fp32 unpacking
-    num_warps: int = 4
-    num_stages: int = 2
-    ctas_per_sm: int = 4       # split-KV target: B * Hkv * splits ~ ctas_per_sm * SMs
-    min_groups_per_split: int = 4
-    pad_heads: int = 16        # dot variant: query rows per program padded to >= this (1 = exact)
-    fuse_reduce: bool = True   # with several splits, the last program of a row reduces them (one launch)
-
-
-DEFAULT_CONFIG = DecodeConfig()
-
-
-@dataclass(frozen=True)
-class DecodeSpec:
-    """What selects a compiled specialization."""
-
-    key_bits: int
-    value_bits: int
-    group_size: int
-    head_dim: int
-    dtype: torch.dtype
-    rep: int = 1  # query heads per KV head
-
-
-def kernel_name(spec: DecodeSpec) -> str:
-    bits = f"b{spec.key_bits}" if spec.key_bits == spec.value_bits else f"k{spec.key_bits}v{spec.value_bits}"
-    return f"kvpass_attn_{bits}_g{spec.group_size}_d{spec.head_dim}_{_DTYPE_NAMES.get(spec.dtype, str(spec.dtype))}"
-
-
-def length_bucket(n: int) -> int:
-    """Power-of-two bucket of the attended length (4096, 8192, ...; minimum 1024)."""
-    return max(1024, 1 << max(0, (max(n, 1) - 1).bit_length()))
-
-
-# (key_bits, group_size, head_dim, dtype name, length bucket) -> config. Filled from GPU sweeps
-# (benchmarks/bench_attention.py --tune); anything missing uses `default_config_for`.
-CONFIG_TABLE: dict[tuple, DecodeConfig] = {}
-
-_TUNED_CACHE: dict[tuple, DecodeConfig] | None = None
-
-
-def _cache_path() -> str:
-    return os.environ.get("KVPASS_CONFIG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kvpass", "decode_configs.json"))
-
-
-def _load_tuned() -> dict:
-    global _TUNED_CACHE
-    if _TUNED_CACHE is None:
-        _TUNED_CACHE = {}
-        try:
-            with open(_cache_path()) as f:
-                for row in json.load(f):
-                    _TUNED_CACHE[tuple(row["key"])] = DecodeConfig(**row["config"])
-        except (OSError, ValueError, TypeError, KeyError):
-            pass
-    return _TUNED_CACHE
-
-
-def save_tuned(key: tuple, cfg: DecodeConfig):
-    """Record a tuned config so later processes do not re-tune (JSON beside the user's cache)."""
-    _CHOSEN.clear()
-    table = _load_tuned()
-    table[key] = cfg
-    path = _cache_path()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump([{"key": list(k), "config": asdict(c)} for k, c in table.items()], f)
-    except OSError as e:  # a read-only home is not an error: the config is still used in-process
-        log.info("kvpass: could not save tuned decode config to %s (%s)", path, e)
-
-
-def config_key(spec: DecodeSpec, length: int) -> tuple:
-    return (spec.key_bits, spec.group_size, spec.head_dim, _DTYPE_NAMES.get(spec.dtype, "?"), length_bucket(length), spec.rep > 1)
-
-
-def rows_warps(spec: DecodeSpec, block_n: int) -> int:
-    """Warps that hold one rows-kernel step without replication: BLOCK_N / 2 rows, each row's key
-    words spread over threads in 16-byte vectors (2-bit D=128: 8 words, 2 threads per row)."""
-    words = spec.head_dim * spec.key_bits // 32
-    return max(1, (block_n // 2) * max(1, words // 4) // 32)
-
-
-def default_config_for(spec: DecodeSpec) -> DecodeConfig:
-    """Rules distilled from the H100 sweeps (benchmarks/NOTES.md, 2026-11-22, D=128):
-    MHA: the CUDA-core rows variant beats every tensor-core config; since session 5 (two tokens of a
-    key group per thread) with 32-token blocks in the fewest warps that hold them (`rows_warps`:
-    1 warp for 2-bit D=128, 2 for 4-bit) and ~8 programs per SM (CUDA-graph replays,
-    results/tune_graph_s5_pairs*.csv: 2-bit B=1 T=32k 60 us, B=8 T=16k 216-234 us; 4-bit B=8
-    T=16k 256-277 us; 64- and 128-token blocks hold more registers and lose);
-    GQA/MQA: the tensor-core variant with unpadded query rows, one key group per step, 1-2 warps
-    and many splits (short programs, many in flight). The rows variant (one program per query
-    head) is faster for GQA at batch 1 (32/8 heads, T=32k, 2-bit G32: 52-54 us vs 65-67 in graph
-    replays, results/tune_graph_s5_gqa.csv) but 15-50 % slower at batch 8-32 (results/attention.csv
-    run of session 5); the config key has no batch, so GQA keeps the tensor-core default."""
-    if spec.rep == 1:
-        return replace(DEFAULT_CONFIG, use_dot=False, block_n=32, num_warps=rows_warps(spec, 32), num_stages=2,
-                       ctas_per_sm=8)
-    if spec.group_size >= 64:
-        return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64, num_warps=1, num_stages=3, ctas_per_sm=32)
-    return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=min(32, spec.group_size), num_warps=2,
-                   num_stages=3, ctas_per_sm=32)
-
-
-_CHOSEN: dict = {}
-
-
-def get_config(spec: DecodeSpec, length: int) -> DecodeConfig:
-    """Tuned (JSON cache) > CONFIG_TABLE > rules; memoized per (spec, length bucket)."""
-    memo = (spec, length_bucket(length))
-    cfg = _CHOSEN.get(memo)
-    if cfg is None:
-        key = config_key(spec, length)
-        cfg = _load_tuned().get(key) or CONFIG_TABLE.get(key) or default_config_for(spec)
-        _CHOSEN[memo] = cfg
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1183,7 +1053,15 @@ def decode_attention(
     why = check_spec(spec)
     if why:
         raise ValueError(f"kvpass decode kernel: unsupported {why}")
-    cfg = config or get_config(spec, kv_len)
+    if config is None:
+        def tune_with(c: DecodeConfig) -> torch.Tensor:  # one call with config c (autotuning only)
+            return decode_attention(
+                q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, key_bits=key_bits,
+                value_bits=value_bits, group_size=group_size, quantized_length=quantized_length, length=length,
+                kv_len=kv_len, sm_scale=sm_scale, attn_mask=attn_mask, config=c, lengths=lengths)
+
+        config = get_config(spec, kv_len, B, tune_with)
+    cfg = config
     G = group_size
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     D_PAD = max(16, _next_pow2(D))

@@ -1,0 +1,159 @@
+"""Decode-kernel configs: the batch-aware rules, the autotuner (fastest correct candidate, cached
+in JSON so a second process does not re-tune) and its switches. The end-to-end autotune case runs
+the kernels (Triton's interpreter on CPU, compiled on a GPU) with a fake timer: the timings are not
+what is tested, the choice and the cache are.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kernel_setup import DEVICE, rand  # sets TRITON_INTERPRET on CPU before any kernel import
+from kvpass.templates import decode_configs as dc
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty tuned-config cache file and fresh in-process memos; autotune off afterwards."""
+    path = tmp_path / "decode_configs.json"
+    monkeypatch.setenv("KVPASS_CONFIG_CACHE", str(path))
+    monkeypatch.setattr(dc, "_TUNED_CACHE", None)
+    dc._CHOSEN.clear()
+    yield path
+    dc.set_autotune(False)
+    dc._CHOSEN.clear()
+    dc._TUNED_CACHE = None
+
+
+GQA = dc.DecodeSpec(2, 2, 32, 128, torch.bfloat16, rep=4)
+MHA = dc.DecodeSpec(2, 2, 32, 128, torch.bfloat16, rep=1)
+
+
+def test_rules_are_batch_aware_for_gqa():
+    assert not dc.default_config_for(GQA, batch=1).use_dot   # rows: one program per query head
+    assert dc.default_config_for(GQA, batch=8).use_dot       # tensor cores for larger batches
+    assert not dc.default_config_for(MHA, batch=8).use_dot   # MHA: rows at any batch
+    assert dc.config_key(GQA, 32768, 1) != dc.config_key(GQA, 32768, 8)
+    assert dc.config_key(GQA, 20000, 5) == dc.config_key(GQA, 32768, 8)  # same length and batch buckets
+
+
+def test_candidates_start_with_the_rule_and_are_distinct():
+    for spec in (GQA, MHA, dc.DecodeSpec(4, 4, 128, 128, torch.float16, rep=8)):
+        for batch in (1, 8):
+            cands = dc.candidate_configs(spec, batch)
+            assert cands[0] == dc.default_config_for(spec, batch)
+            assert len(set(cands)) == len(cands) >= 4
+
+
+def _fake_run(good: torch.Tensor, wrong=(), failing=()):
+    def run(cfg):
+        if cfg in failing:
+            raise RuntimeError("PassManager::run failed (a config that does not compile)")
+        return good + 1.0 if cfg in wrong else good.clone()
+    return run
+
+
+def test_tune_keeps_the_fastest_correct_config_and_saves_it(fresh_cache, caplog):
+    cands = dc.candidate_configs(GQA, 8)
+    fastest_wrong, fastest_failing, fastest_ok = cands[1], cands[2], cands[3]
+    times = {fastest_wrong: 1.0, fastest_failing: 1.0, fastest_ok: 2.0}
+    good = torch.randn(2, 8, 1, 128)
+    run = _fake_run(good, wrong={fastest_wrong}, failing={fastest_failing})
+    current = {}
+
+    def run_tracking(cfg):
+        current["cfg"] = cfg
+        return run(cfg)
+
+    def timer(fn, device):
+        fn()
+        return times.get(current["cfg"], 5.0)
+
+    with caplog.at_level("INFO", logger="kvpass"):
+        best = dc.tune(GQA, 32768, 8, run_tracking, timer=timer)
+    assert best == fastest_ok
+    assert "gave a wrong output" in caplog.text and "does not run" in caplog.text
+    saved = json.loads(fresh_cache.read_text())
+    assert [tuple(r["key"]) for r in saved] == [dc.config_key(GQA, 32768, 8)]
+    assert dc.DecodeConfig(**saved[0]["config"]) == fastest_ok
+
+
+def test_tune_falls_back_to_the_default_when_nothing_runs(fresh_cache):
+    cands = dc.candidate_configs(MHA, 1)
+    good = torch.randn(1, 4, 1, 128)
+    failing = set(cands)
+    calls = []
+
+    def run(cfg):
+        calls.append(cfg)
+        if cfg in failing and len(calls) > 1:  # the first (reference) call runs, later ones all fail
+            raise RuntimeError("no")
+        return good
+
+    assert dc.tune(MHA, 4096, 1, run, timer=lambda fn, dev: 1.0) == cands[0]
+    assert not fresh_cache.exists()  # nothing measured, nothing recorded
+
+
+def test_autotune_switches_are_checked():
+    with pytest.raises(TypeError, match="True or False"):
+        dc.set_autotune("yes")
+    import kvpass
+
+    with pytest.raises(TypeError, match="autotune must be True or False"):
+        kvpass.backend(bits=2, autotune=1)
+
+
+triton = pytest.importorskip("triton", reason="triton is not importable: the kernels cannot run")
+
+
+def test_autotune_end_to_end_then_a_new_process_reuses_the_cache(fresh_cache, monkeypatch):
+    """decode_attention with autotune on: the first call times every candidate on its own inputs
+    and records the winner; after the in-process memos are dropped (a new process), the next call
+    takes the config from the JSON file without timing anything; the output stays right."""
+    from kvpass.lowering.ops import attention_reference
+    from kvpass.store import KVStore, StoreConfig
+    from kvpass.templates import decode_attention as da
+
+    B, H, rep, D, G, L = 1, 2, 2, 64, 16, 100
+    st = KVStore(StoreConfig(2, 2, G, 16), B, H, D, D, torch.bfloat16, DEVICE)
+    st.append(rand((B, H, L, D), torch.bfloat16, 1), rand((B, H, L, D), torch.bfloat16, 2, shift=-0.2))
+    q = rand((B, H * rep, 1, D), torch.bfloat16, 3)
+    spec = da.store_spec(st, q)
+    pick = dc.candidate_configs(spec, B)[-1]  # made the fastest by the fake timer
+    timed = []
+    real_tune = dc.tune
+
+    def tune_with_fake_timer(spec_, length, batch, run):
+        last = {}
+
+        def run_tracking(cfg):
+            last["cfg"] = cfg
+            return run(cfg)
+
+        def timer(fn, device):
+            fn()
+            timed.append(last["cfg"])
+            return 1.0 if last["cfg"] == pick else 2.0
+
+        return real_tune(spec_, length, batch, run_tracking, timer=timer)
+
+    monkeypatch.setattr(dc, "tune", tune_with_fake_timer)
+    dc.set_autotune(True)
+    out = da.decode_attention_store(q, st)
+    assert len(timed) >= 4 and pick in timed, "autotune did not time the candidates"
+    key = dc.config_key(spec, L, B)
+    saved = {tuple(r["key"]): dc.DecodeConfig(**r["config"]) for r in json.loads(fresh_cache.read_text())}
+    assert saved == {key: pick}
+    ref = attention_reference(q, st, None, L, rep, 0.0, False, None, True)
+    assert (out.float() - ref.float()).abs().max() <= dc.CANDIDATE_REL_ERR[torch.bfloat16] * ref.float().abs().max()
+
+    # a new process: memos gone, the JSON cache remains
+    dc._CHOSEN.clear()
+    dc._TUNED_CACHE = None
+    timed.clear()
+    out2 = da.decode_attention_store(q, st)
+    assert timed == [], "the second process re-tuned"
+    assert dc.get_config(spec, L, B) == pick
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
