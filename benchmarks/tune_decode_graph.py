@@ -3,7 +3,7 @@ device-lengths mode, `decode_attention_store` captured in a CUDA graph (no host 
 bf16 SDPA captured the same way, at the shapes of the end-to-end benchmark. A shape is
 BxHxT (MHA) or BxHqxHkvxT (GQA).
 
-    PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384,1x32x8x32768] [--kinds all|rows|dot]
+    PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384,1x32x8x32768] [--kinds all|rows|dot|fuse]
         [--bits 2] [--group 32] [--out DIR] [--name tune_graph.csv]
 
 Writes --name (one row per shape x config: microseconds per call, median of 5 graph
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import itertools
 import os
@@ -78,7 +79,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x32x32768,8x32x16384")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot"))
+    ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot", "fuse"),
+                    help="config lists; fuse: the default config with the split reduce fused and as its own launch")
     ap.add_argument("--name", default="tune_graph.csv", help="CSV file name under --out")
     ap.add_argument("--bits", type=int, default=2, choices=(2, 4, 8))
     ap.add_argument("--only-default", action="store_true", help="time SDPA and the default config only")
@@ -103,7 +105,12 @@ def main():
         err = ((out.float() - gold).norm() / gold.norm()).item()
         print(f"{shape}: sdpa {sdpa:.1f} us, default config {default:.1f} us (rel err {err:.2e})", flush=True)
         best = None
-        for cfg in ([] if args.only_default else configs(args.kinds)):
+        if args.kinds == "fuse":
+            chosen = da.get_config(da.store_spec(st, q), kv_len, B)
+            cands = [dataclasses.replace(chosen, fuse_reduce=f) for f in (True, False)]
+        else:
+            cands = configs(args.kinds)
+        for cfg in ([] if args.only_default else cands):
             try:
                 us = graph_us(lambda: da.decode_attention_store(q, st, kv_len=kv_len, config=cfg))
                 out = da.decode_attention_store(q, st, kv_len=kv_len, config=cfg)
