@@ -3,7 +3,7 @@ device-lengths mode, `decode_attention_store` captured in a CUDA graph (no host 
 bf16 SDPA captured the same way, at the shapes of the end-to-end benchmark. A shape is
 BxHxT (MHA) or BxHqxHkvxT (GQA).
 
-    PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384,1x32x8x32768] [--kinds all|rows|dot|fuse]
+    PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384,1x32x8x32768] [--kinds all|rows|dot|fuse|ctas]
         [--bits 2] [--group 32] [--out DIR] [--name tune_graph.csv]
 
 Writes --name (one row per shape x config: microseconds per call, median of 5 graph
@@ -79,8 +79,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x32x32768,8x32x16384")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot", "fuse"),
-                    help="config lists; fuse: the default config with the split reduce fused and as its own launch")
+    ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot", "fuse", "ctas"),
+                    help="config lists; fuse: the default config with the split reduce fused and as its own launch; "
+                         "ctas: the default config at several split targets (ctas_per_sm)")
     ap.add_argument("--name", default="tune_graph.csv", help="CSV file name under --out")
     ap.add_argument("--bits", type=int, default=2, choices=(2, 4, 8))
     ap.add_argument("--only-default", action="store_true", help="time SDPA and the default config only")
@@ -108,6 +109,9 @@ def main():
         if args.kinds == "fuse":
             chosen = da.get_config(da.store_spec(st, q), kv_len, B)
             cands = [dataclasses.replace(chosen, fuse_reduce=f) for f in (True, False)]
+        elif args.kinds == "ctas":
+            chosen = da.get_config(da.store_spec(st, q), kv_len, B)
+            cands = [dataclasses.replace(chosen, ctas_per_sm=c) for c in (4, 6, 8, 12, 16, 24)]
         else:
             cands = configs(args.kinds)
         for cfg in ([] if args.only_default else cands):
