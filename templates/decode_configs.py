@@ -118,13 +118,26 @@ def rows_warps(spec: DecodeSpec, block_n: int) -> int:
     return max(1, (block_n // 2) * max(1, words // 4) // 32)
 
 
+def rows_split_target(spec: DecodeSpec, batch: int) -> int:
+    """ctas_per_sm of the rows kernel: how many programs per SM the split plan aims at. The
+    measured optimum moves with how B * Hq * splits programs fill whole waves of resident
+    programs (H100, CUDA-graph replays, D=128, G=32, results/tune_graph_s6_ctas_b*.csv):
+    2-bit (1 warp): 6 is best or within 0.1 % at batch 1, 8 and 32 (batch 8, T=16k: 182 us vs
+    233 us at 8); 4-bit (2 warps): batch 1 -> 12 (44.8 vs 54.8 us at T=16k), batch 2-8 -> 4
+    (252 vs 287 us at B=8, T=16k), batch >= 16 -> 16 (992 vs 1070 us at B=32, T=16k)."""
+    if spec.key_bits == 2 and spec.value_bits == 2:
+        return 6
+    if batch == 1:
+        return 12
+    return 4 if batch <= 8 else 16
+
+
 def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
     """Rules distilled from the H100 sweeps (benchmarks/NOTES.md, 2026-11-22, D=128):
     MHA: the CUDA-core rows variant beats every tensor-core config; since session 5 (two tokens of a
     key group per thread) with 32-token blocks in the fewest warps that hold them (`rows_warps`:
-    1 warp for 2-bit D=128, 2 for 4-bit) and ~8 programs per SM (CUDA-graph replays,
-    results/tune_graph_s5_pairs*.csv: 2-bit B=1 T=32k 60 us, B=8 T=16k 216-234 us; 4-bit B=8
-    T=16k 256-277 us; 64- and 128-token blocks hold more registers and lose).
+    1 warp for 2-bit D=128, 2 for 4-bit; 64- and 128-token blocks hold more registers and lose,
+    results/tune_graph_s5_pairs*.csv) and the split target of `rows_split_target`.
     GQA/MQA at batch 1: the same rows config (one program per query head): 32/8 heads, T=32k,
     2-bit G32: 52.5 us vs 65-67 us for the tensor-core variant in graph replays
     (results/tune_graph_s5_gqa.csv).
@@ -133,7 +146,7 @@ def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
     8-32 (results/attention.csv run of session 5)."""
     if spec.rep == 1 or batch == 1:
         return replace(DEFAULT_CONFIG, use_dot=False, block_n=32, num_warps=rows_warps(spec, 32), num_stages=2,
-                       ctas_per_sm=8)
+                       ctas_per_sm=rows_split_target(spec, batch))
     if spec.group_size >= 64:
         return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64, num_warps=1, num_stages=3, ctas_per_sm=32)
     return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=min(32, spec.group_size), num_warps=2,
@@ -192,7 +205,7 @@ def candidate_configs(spec: DecodeSpec, batch: int = 1) -> list[DecodeConfig]:
     compile for a spec on some Triton version (e.g. rows blocks with more rows than threads on
     3.6) are skipped by `tune`."""
     rows = [replace(DEFAULT_CONFIG, use_dot=False, block_n=bn, num_warps=rows_warps(spec, bn), num_stages=2,
-                    ctas_per_sm=ctas) for bn, ctas in ((32, 8), (32, 4), (32, 16), (64, 8))]
+                    ctas_per_sm=ctas) for bn, ctas in ((32, 4), (32, 6), (32, 8), (32, 12), (32, 16), (64, 8))]
     g = min(32, spec.group_size)
     dots = [replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=bn, num_warps=w, num_stages=3, ctas_per_sm=c)
             for bn, w, c in ((g, 2, 32), (min(64, spec.group_size), 1, 32), (g, 4, 16))]
