@@ -971,14 +971,15 @@ def check_spec(spec: DecodeSpec) -> str | None:
 def plan_splits(units: int, Lq: int, step: int, has_rest: bool, cfg: DecodeConfig, device) -> tuple[int, int, int]:
     """(num_splits, chunk tokens, res_split) for `units` programs per split (B*Hq rows or B*Hkv).
 
-    Splits grow until about ctas_per_sm programs per SM are launched, each covering at least
-    min_groups_per_split steps; chunk is a multiple of `step` (G, or BLOCK_N when larger). With
+    Splits grow until about ctas_per_sm programs per SM are launched (the split of the residual
+    window and tail included, so host and device lengths launch as many programs), each covering
+    at least min_groups_per_split steps; chunk is a multiple of `step` (G, or BLOCK_N when larger). With
     more than one split, the residual window and tail get a split of their own (res_split)."""
     n_steps = -(-Lq // step)
     if n_steps == 0:
         return 1, step, 0
     target = cfg.ctas_per_sm * _num_sms(device)
-    want = max(1, -(-target // units))
+    want = max(1, -(-target // units) - (1 if has_rest else 0))  # the rest's split counts in the target
     max_by_work = max(1, n_steps // max(1, cfg.min_groups_per_split))
     s = min(want, max_by_work, 512)
     chunk_steps = -(-n_steps // s)
