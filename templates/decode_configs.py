@@ -123,13 +123,12 @@ def rows_split_target(spec: DecodeSpec, batch: int) -> int:
     measured optimum moves with how B * Hq * splits programs fill whole waves of resident
     programs (H100, CUDA-graph replays, D=128, G=32, results/tune_graph_s6_ctas_b*.csv):
     2-bit (1 warp): batch 1 -> 8 (T=32k: 58.5 us vs 67.5 at 6; T=16k: 37.2 vs 34.4 at 6), batch
-    >= 2 -> 6 (batch 8, T=16k: 182 us vs 233 us at 8; batch 32: within 0.2 % of the best); 4-bit (2 warps): batch 1 -> 12 (44.8 vs 54.8 us at T=16k), batch 2-8 -> 4
-    (252 vs 287 us at B=8, T=16k), batch >= 16 -> 16 (992 vs 1070 us at B=32, T=16k)."""
+    >= 2 -> 6 (batch 8, T=16k: 182 us vs 233 us at 8; batch 32: within 0.2 % of the best); 4-bit (2 warps): batch 1 -> 12 (44.8 vs 54.8 us at T=16k), batch >= 2 -> 16
+    (B=32, T=16k: 992 vs 1070 us at 8; B=8: 260 us, 3 % off the best there, 4, which loses 15-20 %
+    with host lengths, whose residual split leaves 4 programs per SM too few to fill it)."""
     if spec.key_bits == 2 and spec.value_bits == 2:
         return 8 if batch == 1 else 6
-    if batch == 1:
-        return 12
-    return 4 if batch <= 8 else 16
+    return 12 if batch == 1 else 16
 
 
 def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
