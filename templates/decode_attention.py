@@ -930,6 +930,13 @@ def _num_sms(device: torch.device) -> int:
 _SPLIT_COUNTERS: dict = {}
 
 
+def _raw_stream(device: torch.device) -> int:
+    """The current CUDA stream of `device` as an int (a cheap C call: this runs on every decode call)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return get_raw(idx) if get_raw is not None else torch.cuda.current_stream(idx).cuda_stream
+
+
 def split_counters(device: torch.device, n: int) -> torch.Tensor:
     """int32 [>= n] zeros on `device`, one per output row (rows variant) or KV head (dot variant)
     of the fused reduce: each program of a launch increments its row's counter once and the last
@@ -937,7 +944,7 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     launch on the same stream (kernels of one stream never overlap). One buffer per (device,
     stream), so decode calls running at once on two streams do not share counters. Buffers are
     kept for the life of the process: a CUDA graph that captured a launch keeps using its pointer."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    stream = _raw_stream(device) if device.type == "cuda" else 0
     key = (str(device), stream)
     bufs = _SPLIT_COUNTERS.setdefault(key, [])
     if not bufs or bufs[-1].numel() < n:
@@ -1061,7 +1068,7 @@ def decode_attention(
                 value_bits=value_bits, group_size=group_size, quantized_length=quantized_length, length=length,
                 kv_len=kv_len, sm_scale=sm_scale, attn_mask=attn_mask, config=c, lengths=lengths)
 
-        config = get_config(spec, kv_len, B, tune_with)
+        config = get_config(spec, kv_len, B, tune_with if autotune_enabled() else None)
     cfg = config
     G = group_size
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
