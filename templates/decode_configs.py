@@ -164,6 +164,8 @@ def get_config(spec: DecodeSpec, length: int, batch: int = 1,
     if cfg is None:
         cfg = _load_tuned().get(key) or CONFIG_TABLE.get(key)
         if cfg is None and tune_with is not None and _AUTOTUNE[0]:
+            if _capturing():  # no timing inside a CUDA-graph capture; not memoized: tune at the next call
+                return default_config_for(spec, batch)
             cfg = tune(spec, length, batch, tune_with)
         cfg = cfg or default_config_for(spec, batch)
         _CHOSEN[key] = cfg
@@ -192,6 +194,10 @@ def set_autotune(on: bool) -> None:
         raise TypeError(f"kvpass: set_autotune takes True or False, got {on!r}")
     _AUTOTUNE[0] = on
     _CHOSEN.clear()
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def autotune_enabled() -> bool:
@@ -253,21 +259,19 @@ def tune(spec: DecodeSpec, length: int, batch: int, run: Callable[[DecodeConfig]
          timer: Callable[[Callable[[], object], torch.device], float] | None = None) -> DecodeConfig:
     """Time `run(cfg)` (one decode call on the caller's inputs, returning its output) for every
     candidate config, keep the fastest whose output matches the default's (CANDIDATE_REL_ERR),
-    record it under config_key(spec, length, batch) in the JSON cache and return it. Never called
-    while a CUDA graph is being captured (the default is used then, and tuning waits for an
-    uncaptured call)."""
+    record it under config_key(spec, length, batch) in the JSON cache and return it. `get_config`
+    never calls it while a CUDA graph is being captured (the default is used then, and tuning waits
+    for an uncaptured call)."""
     cands = candidate_configs(spec, batch)
     default = cands[0]
     ref = run(default)
-    if ref.is_cuda and torch.cuda.is_current_stream_capturing():
-        return default
     timer = timer or _time_call
     tol = CANDIDATE_REL_ERR.get(spec.dtype, CANDIDATE_REL_ERR[torch.float32])
     scale = ref.float().abs().max().clamp_min(1e-30)
     results = []
     for cfg in cands:
         try:
-            out = run(cfg)
+            out = ref if cfg == default else run(cfg)
             err = float((out.float() - ref.float()).abs().max() / scale)
             if not err <= tol:  # NaN fails too
                 log.warning("kvpass autotune: %s gave a wrong output for %s (rel err %.2e > %.0e); skipped",
