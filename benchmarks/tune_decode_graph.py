@@ -7,7 +7,8 @@ BxHxT (MHA) or BxHqxHkvxT (GQA).
         [--bits 2] [--group 32] [--out DIR] [--name tune_graph.csv]
 
 Writes --name (one row per shape x config: microseconds per call, median of 5 graph
-replays of 20 calls each, and the output's relative error against an fp32 SDPA over the store's
+replays of 20 calls each going round-robin over copies of the store and cache that hold at
+least 4 L2 sizes together (benchmarks/timing.py), and the output's relative error against an fp32 SDPA over the store's
 dequantized keys and values) and prints the best config per shape among those within the error
 bound (a config whose output is off is reported, never chosen).
 """
@@ -25,27 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import copies_for, graph_us  # noqa: E402
 from kvpass.store import KVStore, StoreConfig  # noqa: E402
 from kvpass.templates import decode_attention as da  # noqa: E402
-
-
-def graph_us(fn, calls=20, reps=5) -> float:
-    """Median microseconds per call of `fn` replayed from a CUDA graph of `calls` calls."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def make_store(B, H, T, D=128, bits=2, G=32, R=128):
@@ -81,7 +64,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot", "fuse", "ctas"),
                     help="config lists; fuse: the default config with the split reduce fused and as its own launch; "
-                         "ctas: the default config at several split targets (ctas_per_sm)")
+                         "ctas: the default config at several split targets (ctas_per_sm; 0 = whole waves)")
     ap.add_argument("--name", default="tune_graph.csv", help="CSV file name under --out")
     ap.add_argument("--bits", type=int, default=2, choices=(2, 4, 8))
     ap.add_argument("--only-default", action="store_true", help="time SDPA and the default config only")
@@ -93,30 +76,42 @@ def main():
     for shape in args.shapes.split(","):
         dims = [int(x) for x in shape.split("x")]
         B, Hq, H, T = dims if len(dims) == 4 else (dims[0], dims[1], dims[1], dims[2])
-        st = make_store(B, H, T, bits=args.bits, G=args.group)
+        n = copies_for(B * H * T * (2 * 128 * args.bits // 8 + 8), torch.cuda.mem_get_info()[0])  # codes + ~scales
+        stores = [make_store(B, H, T, bits=args.bits, G=args.group) for _ in range(n)]
+        st = stores[0]
         kv_len = T + 64
         q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(B, H, kv_len, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        sdpa = graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != H))
-        del k, v
+        n_bf16 = copies_for(2 * B * H * kv_len * 128 * 2, torch.cuda.mem_get_info()[0])
+        kvs = [(torch.randn(B, H, kv_len, 128, device="cuda", dtype=torch.bfloat16),
+                torch.randn(B, H, kv_len, 128, device="cuda", dtype=torch.bfloat16)) for _ in range(n_bf16)]
+        sdpa = graph_us([lambda k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != H)
+                         for k, v in kvs])
+        del kvs
+
+        def calls(cfg=None):
+            return [lambda s=s: da.decode_attention_store(q, s, kv_len=kv_len, config=cfg) for s in stores]
+
         gold = golden(q, st, kv_len)
-        default = graph_us(lambda: da.decode_attention_store(q, st, kv_len=kv_len))
+        default = graph_us(calls())
         out = da.decode_attention_store(q, st, kv_len=kv_len)
         err = ((out.float() - gold).norm() / gold.norm()).item()
-        print(f"{shape}: sdpa {sdpa:.1f} us, default config {default:.1f} us (rel err {err:.2e})", flush=True)
+        print(f"{shape}: sdpa {sdpa:.1f} us, default config {default:.1f} us (rel err {err:.2e}; {n} store copies)",
+              flush=True)
+        for key, res in da._RESIDENT.items():  # the occupancy the whole-wave split plan used
+            kw = dict(key[2])
+            print(f"  {key[0]} b{kw['KEY_BITS']} BLOCK_N {kw['BLOCK_N']} {kw['num_warps']} warps: {res} programs per SM")
         best = None
         if args.kinds == "fuse":
             chosen = da.get_config(da.store_spec(st, q), kv_len, B)
             cands = [dataclasses.replace(chosen, fuse_reduce=f) for f in (True, False)]
         elif args.kinds == "ctas":
             chosen = da.get_config(da.store_spec(st, q), kv_len, B)
-            cands = [dataclasses.replace(chosen, ctas_per_sm=c) for c in (4, 6, 8, 12, 16, 24)]
+            cands = [dataclasses.replace(chosen, ctas_per_sm=c) for c in (0, 4, 6, 8, 9, 12, 16, 24)]
         else:
             cands = configs(args.kinds)
         for cfg in ([] if args.only_default else cands):
             try:
-                us = graph_us(lambda: da.decode_attention_store(q, st, kv_len=kv_len, config=cfg))
+                us = graph_us(calls(cfg))
                 out = da.decode_attention_store(q, st, kv_len=kv_len, config=cfg)
             except Exception as e:  # noqa: BLE001  (a config the compiler rejects: recorded, skipped)
                 print("skip", cfg, type(e).__name__, str(e)[:100])
@@ -131,7 +126,7 @@ def main():
                 best = (us, cfg)
         if best is not None:
             print(f"{shape}: best {best[0]:.1f} us ({sdpa / best[0]:.2f}x SDPA) {best[1]}", flush=True)
-        del st, gold
+        del st, stores, gold
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     if not out_rows:

@@ -60,6 +60,7 @@ Performance and its limits on the H100: benchmarks/NOTES.md.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -68,9 +69,12 @@ import triton
 import triton.language as tl
 
 from kvpass.templates.decode_configs import (  # noqa: F401  (configs are part of this module's API)
-    _DTYPE_NAMES, CONFIG_TABLE, DEFAULT_CONFIG, DecodeConfig, DecodeSpec, autotune_enabled, config_key,
-    default_config_for, get_config, kernel_name, length_bucket, rows_warps, save_tuned, set_autotune, tune,
+    _DTYPE_NAMES, CONFIG_TABLE, DEFAULT_CONFIG, FALLBACK_CTAS_PER_SM, DecodeConfig, DecodeSpec, autotune_enabled,
+    config_key, default_config_for, get_config, kernel_name, length_bucket, resident_programs, rows_warps, save_tuned,
+    set_autotune, sm_limits, tune, wave_splits,
 )
+
+log = logging.getLogger("kvpass")
 
 LOG2E = 1.4426950408889634
 SUPPORTED_BITS = (2, 4, 8)
@@ -975,18 +979,24 @@ def check_spec(spec: DecodeSpec) -> str | None:
     return None
 
 
-def plan_splits(units: int, Lq: int, step: int, has_rest: bool, cfg: DecodeConfig, device) -> tuple[int, int, int]:
+def plan_splits(units: int, Lq: int, step: int, has_rest: bool, cfg: DecodeConfig, device,
+                resident: int | None = None) -> tuple[int, int, int]:
     """(num_splits, chunk tokens, res_split) for `units` programs per split (B*Hq rows or B*Hkv).
 
-    Splits grow until about ctas_per_sm programs per SM are launched (the split of the residual
-    window and tail included, so host and device lengths launch as many programs), each covering
-    at least min_groups_per_split steps; chunk is a multiple of `step` (G, or BLOCK_N when larger). With
+    Programs per unit: with cfg.ctas_per_sm 0, `wave_splits` over `resident` programs per SM (the
+    compiled kernel's occupancy, `_resident_per_sm`; FALLBACK_CTAS_PER_SM when unknown), else
+    about ctas_per_sm programs per SM. The split of the residual window and tail counts among them
+    (host and device lengths launch as many programs). Each split covers at least
+    min_groups_per_split steps; chunk is a multiple of `step` (G, or BLOCK_N when larger). With
     more than one split, the residual window and tail get a split of their own (res_split)."""
     n_steps = -(-Lq // step)
     if n_steps == 0:
         return 1, step, 0
-    target = cfg.ctas_per_sm * _num_sms(device)
-    want = max(1, -(-target // units) - (1 if has_rest else 0))  # the rest's split counts in the target
+    if cfg.ctas_per_sm == 0:
+        total = wave_splits(units, (resident or FALLBACK_CTAS_PER_SM) * _num_sms(device))
+    else:
+        total = -(-cfg.ctas_per_sm * _num_sms(device) // units)
+    want = max(1, total - (1 if has_rest else 0))  # the rest's split counts in the target
     max_by_work = max(1, n_steps // max(1, cfg.min_groups_per_split))
     s = min(want, max_by_work, 512)
     chunk_steps = -(-n_steps // s)
@@ -994,6 +1004,40 @@ def plan_splits(units: int, Lq: int, step: int, has_rest: bool, cfg: DecodeConfi
     if s > 1 and has_rest:
         return s + 1, chunk_steps * step, s
     return s, chunk_steps * step, s - 1
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_per_sm(fn, make_args, kw, device) -> int | None:
+    """Programs of the multi-split specialization (fn, constexprs kw) resident per SM, from the
+    compiled kernel's registers and shared memory (`resident_programs`); memoized per
+    specialization and device (make_args() builds launch arguments only on a miss). Compiling it here is no extra work: the launch that follows uses
+    the same cache entry. None in the interpreter, on a Triton that does not expose `n_regs`, or
+    during a CUDA-graph capture of a specialization not seen before (the plan falls back to
+    FALLBACK_CTAS_PER_SM per SM then, and the next uncaptured call computes the real value)."""
+    if device.type != "cuda" or _interpreting():
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    key = (fn.__name__, idx, tuple(kw.items()))  # one code path builds kw: a stable order
+    if key in _RESIDENT:
+        return _RESIDENT[key]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        kernel = fn.warmup(*make_args(), grid=(1, 1, 1), **kw)
+        kernel._init_handles()
+        n_regs, shared = int(kernel.n_regs), int(kernel.metadata.shared)
+    except (AttributeError, TypeError) as e:  # a Triton without these internals: keep the fallback plan
+        log.info("kvpass decode: occupancy of %s unknown (%s: %s); split plan assumes %d programs per SM",
+                 fn.__name__, type(e).__name__, e, FALLBACK_CTAS_PER_SM)
+        _RESIDENT[key] = None
+        return None
+    res = resident_programs(n_regs, kw["num_warps"], shared, sm_limits(torch.cuda.get_device_properties(idx)))
+    log.info("kvpass decode: %s (%s warps, %d registers, %d B shared) -> %d programs per SM",
+             fn.__name__, kw["num_warps"], n_regs, shared, res)
+    _RESIDENT[key] = res
+    return res
 
 
 def _rows_contiguous(t: torch.Tensor) -> bool:
@@ -1103,11 +1147,38 @@ def decode_attention(
     assert q.stride(3) == 1
     units = B * H if use_dot else B * Hq
     step = max(G, block_n)
+    interp = _interpreting()
+    fn = _kvpass_decode_dot if use_dot else _kvpass_decode_rows
+    common = dict(KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, HEAD_DIM=D, D_PAD=D_PAD,
+                  BLOCK_N=block_n, MASK_KIND=mask_kind, LENGTHS_ON_DEVICE=lengths is not None,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if use_dot:
+        common.update(HB=max(cfg.pad_heads, _next_pow2(rep)), EMULATE_DOT=interp,
+                      USE_ASM=(not interp) and q.dtype != torch.float32 and cfg.use_asm)
+    else:
+        common.update(USE_ASM=(not interp) and cfg.use_asm)
+
+    def kernel_args(op, om, ol, out, counters, chunk, res_split, S):
+        return (
+            q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, mask, op, om, ol, out, lengths, counters,
+            q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), k_scale.stride(0), k_scale.stride(1),
+            vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1), rs[0], rs[1], s_m[0], s_m[1], s_m[2],
+            Lq, L, kv_len, chunk, res_split, S, sm_scale * LOG2E, rep,
+        )
+
+    resident = None
+    if cfg.ctas_per_sm == 0 and q.device.type == "cuda":  # occupancy of the multi-split specialization
+        def warmup_args():  # float32 partial buffers as the multi-split launch passes them
+            f32 = torch.empty(1, dtype=torch.float32, device=q.device)
+            return kernel_args(f32, f32, f32, q, split_counters(q.device, 1), step, 0, 2)
+
+        resident = _resident_per_sm(fn, warmup_args, dict(common, SINGLE=False, FUSE_REDUCE=cfg.fuse_reduce),
+                                    q.device)
     if lengths is None:
         has_rest = L > Lq or kv_len > L
-        S, chunk, res_split = plan_splits(units, Lq, step, has_rest, cfg, q.device)
+        S, chunk, res_split = plan_splits(units, Lq, step, has_rest, cfg, q.device, resident)
     else:  # splits from the capacity; the kernel computes each split's tokens from the lengths
-        S = plan_splits(units, kv_len, step, False, cfg, q.device)[0]
+        S = plan_splits(units, kv_len, step, False, cfg, q.device, resident)[0]
         chunk, res_split = step, -1  # unused in this mode
     single = S == 1
     if out is None:
@@ -1122,21 +1193,9 @@ def decode_attention(
         op = torch.empty(B * Hq * S, D, dtype=torch.float32, device=q.device)
         om = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
         ol = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
-    args = (
-        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, mask, op, om, ol, out, lengths, counters,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), k_scale.stride(0), k_scale.stride(1),
-        vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1), rs[0], rs[1], s_m[0], s_m[1], s_m[2],
-        Lq, L, kv_len, chunk, res_split, S, sm_scale * LOG2E, rep,
-    )
-    common = dict(KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, HEAD_DIM=D, D_PAD=D_PAD,
-                  BLOCK_N=block_n, MASK_KIND=mask_kind, SINGLE=single, LENGTHS_ON_DEVICE=lengths is not None,
-                  FUSE_REDUCE=fuse, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    interp = _interpreting()
-    if use_dot:
-        _launch(_kvpass_decode_dot, (S, H, B), args, dict(common, HB=max(cfg.pad_heads, _next_pow2(rep)), EMULATE_DOT=interp,
-                USE_ASM=(not interp) and q.dtype != torch.float32 and cfg.use_asm))
-    else:
-        _launch(_kvpass_decode_rows, (rep * S, H, B), args, dict(common, USE_ASM=(not interp) and cfg.use_asm))
+    grid = (S, H, B) if use_dot else (rep * S, H, B)
+    _launch(fn, grid, kernel_args(op, om, ol, out, counters, chunk, res_split, S),
+            dict(common, SINGLE=single, FUSE_REDUCE=fuse))
     if not single and not fuse:
         _launch(_kvpass_decode_reduce, (B * Hq,), (op, om, ol, out, S),
                 dict(HEAD_DIM=D, D_PAD=D_PAD, S_BLOCK=min(64, max(2, _next_pow2(S))), num_warps=4))

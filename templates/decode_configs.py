@@ -31,7 +31,8 @@ class DecodeConfig:
     use_asm: bool = True       # packed 16-bit unpacking in inline PTX (GPU); else fp32 unpacking
     num_warps: int = 4
     num_stages: int = 2
-    ctas_per_sm: int = 4       # split-KV target: B * Hkv * splits ~ ctas_per_sm * SMs
+    ctas_per_sm: int = 4       # split-KV target: B * Hkv * splits ~ ctas_per_sm * SMs; 0: whole waves of the
+                               # compiled kernel's resident programs (`wave_splits`)
     min_groups_per_split: int = 4
     pad_heads: int = 16        # dot variant: query rows per program padded to >= this (1 = exact)
     fuse_reduce: bool = True   # with several splits, the last program of a row reduces them (one launch)
@@ -118,17 +119,61 @@ def rows_warps(spec: DecodeSpec, block_n: int) -> int:
     return max(1, (block_n // 2) * max(1, words // 4) // 32)
 
 
-def rows_split_target(spec: DecodeSpec, batch: int) -> int:
-    """ctas_per_sm of the rows kernel: how many programs per SM the split plan aims at. The
-    measured optimum moves with how B * Hq * splits programs fill whole waves of resident
-    programs (H100, CUDA-graph replays, D=128, G=32, results/tune_graph_s6_ctas_b*.csv):
-    2-bit (1 warp): batch 1 -> 8 (T=32k: 58.5 us vs 67.5 at 6; T=16k: 37.2 vs 34.4 at 6), batch
-    >= 2 -> 6 (batch 8, T=16k: 182 us vs 233 us at 8; batch 32: within 0.2 % of the best); 4-bit (2 warps): batch 1 -> 12 (44.8 vs 54.8 us at T=16k), batch >= 2 -> 16
-    (B=32, T=16k: 992 vs 1070 us at 8; B=8: 260 us, 3 % off the best there, 4, which loses 15-20 %
-    with host lengths, whose residual split leaves 4 programs per SM too few to fill it)."""
-    if spec.key_bits == 2 and spec.value_bits == 2:
-        return 8 if batch == 1 else 6
-    return 12 if batch == 1 else 16
+# Programs per SM assumed when the compiled kernel's occupancy is unknown (CPU interpreter, a
+# Triton without `n_regs`, or the first call of a specialization inside a CUDA-graph capture).
+FALLBACK_CTAS_PER_SM = 8
+
+
+@dataclass(frozen=True)
+class SMLimits:
+    """Per-SM limits that bound resident programs (CUDA occupancy rules)."""
+
+    regs: int = 65536          # 32-bit registers per SM
+    max_warps: int = 64        # resident warps per SM
+    max_blocks: int = 32       # resident blocks (programs) per SM: 32 on sm_80/sm_90, 16 on sm_86/87, 24 on sm_89
+    shared: int = 233472       # shared memory per SM, bytes (228 KiB on sm_90)
+
+
+def sm_limits(props) -> SMLimits:
+    """SMLimits of a torch.cuda device-properties object (attributes it lacks keep the H100 values)."""
+    major, minor = getattr(props, "major", 9), getattr(props, "minor", 0)
+    blocks = 16 if (major, minor) in ((8, 6), (8, 7)) else 24 if (major, minor) == (8, 9) else 32
+    return SMLimits(regs=getattr(props, "regs_per_multiprocessor", 65536),
+                    max_warps=getattr(props, "max_threads_per_multi_processor", 2048) // 32,
+                    max_blocks=blocks, shared=getattr(props, "shared_memory_per_multiprocessor", 233472))
+
+
+def resident_programs(n_regs: int, num_warps: int, shared_bytes: int, limits: SMLimits = SMLimits()) -> int:
+    """Programs of one compiled kernel resident at once on an SM: registers are allocated per warp
+    in units of 256 (8 per thread), then the warp, block and shared-memory limits."""
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = limits.regs // (regs_per_warp * num_warps)
+    by_warps = limits.max_warps // num_warps
+    by_smem = limits.shared // shared_bytes if shared_bytes > 0 else limits.max_blocks
+    return max(1, min(by_regs, by_warps, by_smem, limits.max_blocks))
+
+
+def wave_splits(units: int, resident_total: int, max_waves: int = 4) -> int:
+    """Splits per unit (B * heads programs per split) that fill whole waves of `resident_total`
+    programs (resident programs per SM x SMs). Fewer units than resident slots: one wave, as many
+    splits as fit. More: the split count (<= max_waves) whose last wave is fullest, fewest waves on
+    ties. Why (H100 graph replays, results/tune_graph_s6_ctas_b*.csv): a decode program streams
+    its tokens at a rate set by memory latency, so time ~ waves x tokens per program; a partial
+    last wave costs as much as a full one. 2-bit rows (220 registers, 1 warp: 9 per SM, 1188):
+    batch 8 -> 4 splits, 1024 programs, 182 us; 5 splits (1280, a second wave of 92) 233 us.
+    4-bit rows (148 registers, 2 warps: 6 per SM, 792): batch 8 -> 3 splits (768) 252 us, 4 (1024)
+    317 us; batch 32 -> 3 splits (3072 = 3.9 waves) 992 us, 1 split (1.3 waves) 1251 us."""
+    if units <= 0 or resident_total <= 0:
+        return 1
+    if units <= resident_total:
+        return resident_total // units
+    best, best_fill = 1, 0.0
+    for s in range(1, max_waves + 1):
+        waves = -(-units * s // resident_total)
+        fill = units * s / (waves * resident_total)
+        if fill > best_fill + 1e-9:
+            best, best_fill = s, fill
+    return best
 
 
 def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
@@ -136,7 +181,8 @@ def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
     MHA: the CUDA-core rows variant beats every tensor-core config; since session 5 (two tokens of a
     key group per thread) with 32-token blocks in the fewest warps that hold them (`rows_warps`:
     1 warp for 2-bit D=128, 2 for 4-bit; 64- and 128-token blocks hold more registers and lose,
-    results/tune_graph_s5_pairs*.csv) and the split target of `rows_split_target`.
+    results/tune_graph_s5_pairs*.csv), splits filling whole waves of resident programs
+    (ctas_per_sm 0, `wave_splits`).
     GQA/MQA at batch 1: the same rows config (one program per query head): 32/8 heads, T=32k,
     2-bit G32: 52.5 us vs 65-67 us for the tensor-core variant in graph replays
     (results/tune_graph_s5_gqa.csv).
@@ -145,7 +191,7 @@ def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
     8-32 (results/attention.csv run of session 5)."""
     if spec.rep == 1 or batch == 1:
         return replace(DEFAULT_CONFIG, use_dot=False, block_n=32, num_warps=rows_warps(spec, 32), num_stages=2,
-                       ctas_per_sm=rows_split_target(spec, batch))
+                       ctas_per_sm=0)
     if spec.group_size >= 64:
         return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64, num_warps=1, num_stages=3, ctas_per_sm=32)
     return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=min(32, spec.group_size), num_warps=2,
@@ -210,7 +256,7 @@ def candidate_configs(spec: DecodeSpec, batch: int = 1) -> list[DecodeConfig]:
     compile for a spec on some Triton version (e.g. rows blocks with more rows than threads on
     3.6) are skipped by `tune`."""
     rows = [replace(DEFAULT_CONFIG, use_dot=False, block_n=bn, num_warps=rows_warps(spec, bn), num_stages=2,
-                    ctas_per_sm=ctas) for bn, ctas in ((32, 4), (32, 6), (32, 8), (32, 12), (32, 16), (64, 8))]
+                    ctas_per_sm=ctas) for bn, ctas in ((32, 0), (32, 4), (32, 6), (32, 8), (32, 12), (32, 16), (64, 0))]
     g = min(32, spec.group_size)
     dots = [replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=bn, num_warps=w, num_stages=3, ctas_per_sm=c)
             for bn, w, c in ((g, 2, 32), (min(64, spec.group_size), 1, 32), (g, 4, 16))]

@@ -47,6 +47,42 @@ def test_candidates_start_with_the_rule_and_are_distinct():
             assert len(set(cands)) == len(cands) >= 4
 
 
+def test_resident_programs_follow_the_occupancy_rules():
+    h100 = dc.SMLimits()
+    assert dc.resident_programs(220, 1, 0, h100) == 9      # 224 x 32 registers per warp: 9 warps fit
+    assert dc.resident_programs(128, 2, 0, h100) == 8      # 8192 registers per program
+    assert dc.resident_programs(148, 2, 0, h100) == 6      # 152 rounds up: 9728 per program
+    assert dc.resident_programs(32, 1, 0, h100) == 32      # the block limit
+    assert dc.resident_programs(32, 4, 0, h100) == 16      # the warp limit (64 warps)
+    assert dc.resident_programs(64, 4, 100_000, h100) == 2  # shared memory
+    assert dc.resident_programs(255, 32, 0, h100) == 1     # never 0
+
+
+def test_wave_splits_fill_whole_waves():
+    assert dc.wave_splits(32, 1188) == 37                  # one wave, 1184 programs
+    assert dc.wave_splits(256, 1188) == 4                  # 1024 programs; 5 would start a second wave
+    assert dc.wave_splits(1024, 792) == 3                  # 3072 programs = 3.9 waves (1 split: 1.3 waves)
+    assert dc.wave_splits(1024, 1024) == 1
+    assert dc.wave_splits(1024, 1188) == 1                 # 1, 2, 3, 4 splits fill 86 %: fewest splits win
+    for units, total in ((1, 100), (7, 50), (300, 264), (5000, 528)):
+        s = dc.wave_splits(units, total)
+        assert s >= 1
+        if units <= total:
+            assert units * s <= total < units * (s + 1)
+
+
+def test_plan_splits_with_wave_target_counts_the_residual_split():
+    from kvpass.templates import decode_attention as da
+    cfg = dc.DecodeConfig(use_dot=False, block_n=32, ctas_per_sm=0, min_groups_per_split=1)
+    dev = torch.device("cpu")                              # 4 "SMs" off the GPU
+    total = dc.wave_splits(2, 9 * da._num_sms(dev))        # 18 programs per unit fit in one wave
+    s, chunk, res = da.plan_splits(2, 32 * 1000, 32, True, cfg, dev, resident=9)
+    assert (s, res) == (total, total - 1) and chunk * (total - 1) >= 32 * 1000
+    assert da.plan_splits(2, 32 * 1000, 32, False, cfg, dev, resident=9)[0] == total
+    # unknown occupancy: FALLBACK_CTAS_PER_SM programs per SM
+    assert da.plan_splits(1, 32 * 1000, 32, False, cfg, dev)[0] == dc.FALLBACK_CTAS_PER_SM * da._num_sms(dev)
+
+
 def _fake_run(good: torch.Tensor, wrong=(), failing=()):
     def run(cfg):
         if cfg in failing:
