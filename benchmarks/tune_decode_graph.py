@@ -31,9 +31,10 @@ from kvpass.store import KVStore, StoreConfig  # noqa: E402
 from kvpass.templates import decode_attention as da  # noqa: E402
 
 
-def make_store(B, H, T, D=128, bits=2, G=32, R=128):
+def make_store(B, H, T, D=128, bits=2, G=32, R=128, device_lengths=True):
     st = KVStore(StoreConfig(bits, bits, G, R), B, H, D, D, torch.bfloat16, "cuda")
-    st.enable_device_lengths(T + 64)
+    if device_lengths:
+        st.enable_device_lengths(T + 64)
     for t0 in range(0, T, 4096):  # host-path prefill in chunks (keeps the bf16 source small)
         n = min(4096, T - t0)
         st.append(torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16),
@@ -62,13 +63,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x32x32768,8x32x16384")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot", "fuse", "ctas"),
+    ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot", "fuse", "ctas", "gqa"),
                     help="config lists; fuse: the default config with the split reduce fused and as its own launch; "
-                         "ctas: the default config at several split targets (ctas_per_sm; 0 = whole waves)")
+                         "ctas: the default config at several split targets (ctas_per_sm; 0 = whole waves); "
+                         "gqa: tensor-core configs around the GQA default and rows configs")
     ap.add_argument("--name", default="tune_graph.csv", help="CSV file name under --out")
     ap.add_argument("--bits", type=int, default=2, choices=(2, 4, 8))
     ap.add_argument("--only-default", action="store_true", help="time SDPA and the default config only")
     ap.add_argument("--group", type=int, default=32, choices=(16, 32, 64, 128))
+    ap.add_argument("--host-lengths", action="store_true",
+                    help="stores in host-lengths mode (the eager path) instead of device lengths")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_properties(0).name
     date = datetime.date.today().isoformat()
@@ -77,7 +81,8 @@ def main():
         dims = [int(x) for x in shape.split("x")]
         B, Hq, H, T = dims if len(dims) == 4 else (dims[0], dims[1], dims[1], dims[2])
         n = copies_for(B * H * T * (2 * 128 * args.bits // 8 + 8), torch.cuda.mem_get_info()[0])  # codes + ~scales
-        stores = [make_store(B, H, T, bits=args.bits, G=args.group) for _ in range(n)]
+        stores = [make_store(B, H, T, bits=args.bits, G=args.group, device_lengths=not args.host_lengths)
+                  for _ in range(n)]
         st = stores[0]
         kv_len = T + 64
         q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
@@ -104,7 +109,13 @@ def main():
         if args.kinds == "fuse":
             chosen = da.get_config(da.store_spec(st, q), kv_len, B)
             cands = [dataclasses.replace(chosen, fuse_reduce=f) for f in (True, False)]
-        elif args.kinds == "ctas":
+        elif args.kinds == "gqa":
+            chosen = da.get_config(da.store_spec(st, q), kv_len, B)
+            dot = dataclasses.replace(chosen, use_dot=True, pad_heads=1, block_n=min(64, args.group))
+            cands = [dataclasses.replace(dot, num_warps=w, ctas_per_sm=c, num_stages=ns)
+                     for w, c, ns in itertools.product((1, 2, 4), (0, 8, 16, 32, 64), (2, 3))]
+            cands += [da.DecodeConfig(use_dot=False, block_n=32, num_warps=da.rows_warps(da.store_spec(st, q), 32),
+                                      num_stages=2, ctas_per_sm=c) for c in (0, 8, 16)]
             chosen = da.get_config(da.store_spec(st, q), kv_len, B)
             cands = [dataclasses.replace(chosen, ctas_per_sm=c) for c in (0, 4, 6, 8, 9, 12, 16, 24)]
         else:
@@ -120,7 +131,7 @@ def main():
             if not err <= MAX_REL_ERR:
                 print(f"WRONG OUTPUT (rel err {err:.3g}):", cfg)
             out_rows.append(dict(gpu=gpu, date=date, batch=B, heads=Hq, kv_heads=H, seq_len=T, bits=args.bits, group_size=args.group,
-                                 config=repr(cfg), us=round(us, 2), sdpa_bf16_us=round(sdpa, 2),
+                                 lengths="host" if args.host_lengths else "device", config=repr(cfg), us=round(us, 2), sdpa_bf16_us=round(sdpa, 2),
                                  default_us=round(default, 2), rel_err=f"{err:.2e}"))
             if err <= MAX_REL_ERR and (best is None or us < best[0]):
                 best = (us, cfg)
