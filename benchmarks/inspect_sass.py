@@ -31,17 +31,19 @@ _UNSPECIALIZED = set(da._DNS)
 
 
 def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: int, warps: int, use_asm: bool,
-                   fuse_reduce: bool = True):
+                   fuse_reduce: bool = True, device_lengths: bool = False, single: bool = False):
     """The kernel compiled for sm_90 as the launcher would specialize it (strides % 16, bf16 model)."""
     fn = da._kvpass_decode_rows if variant == "rows" else da._kvpass_decode_dot
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
     const = dict(KEY_BITS=bits, VALUE_BITS=bits, GROUP_SIZE=group, HEAD_DIM=head_dim, D_PAD=d_pad,
-                 BLOCK_N=block_n, MASK_KIND=0, SINGLE=False, LENGTHS_ON_DEVICE=False, USE_ASM=use_asm, LENS=None,
-                 FUSE_REDUCE=fuse_reduce)
+                 BLOCK_N=block_n, MASK_KIND=0, SINGLE=single, LENGTHS_ON_DEVICE=device_lengths, USE_ASM=use_asm,
+                 FUSE_REDUCE=fuse_reduce and not single)
+    if not device_lengths:
+        const["LENS"] = None
     if variant == "dot":
         const.update(HB=16, EMULATE_DOT=False)
     ptr = dict(Q="*bf16", KC="*i32", KS="*fp16", KZ="*fp16", VC="*i32", VS="*fp16", VZ="*fp16", RK="*bf16",
-               RV="*bf16", MASK="*bf16", OP="*fp32", OM="*fp32", OL="*fp32", OUT="*bf16", CNT="*i32")
+               RV="*bf16", MASK="*bf16", OP="*fp32", OM="*fp32", OL="*fp32", OUT="*bf16", CNT="*i32", LENS="*i32")
     names = list(fn.arg_names)
     sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -93,9 +95,12 @@ def main():
     ap.add_argument("--warps", type=int, default=2)
     ap.add_argument("--no-asm", action="store_true")
     ap.add_argument("--separate-reduce", action="store_true", help="the reduce in a launch of its own (no fused epilogue)")
+    ap.add_argument("--device-lengths", action="store_true", help="the LENGTHS_ON_DEVICE specialization")
+    ap.add_argument("--single", action="store_true", help="the one-split specialization (SINGLE)")
     ap.add_argument("--dump", default=None, help="write the SASS here")
     a = ap.parse_args()
-    k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm, not a.separate_reduce)
+    k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm, not a.separate_reduce,
+                       a.device_lengths, a.single)
     report, sass = sass_report(k)
     print(f"{a.variant} b{a.bits} g{a.group} d{a.head_dim} BLOCK_N {a.block_n}, {a.warps} warps: {report}")
     if a.dump:

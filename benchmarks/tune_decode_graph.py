@@ -116,6 +116,7 @@ def main():
                      for w, c, ns in itertools.product((1, 2, 4), (0, 8, 16, 32, 64), (2, 3))]
             cands += [da.DecodeConfig(use_dot=False, block_n=32, num_warps=da.rows_warps(da.store_spec(st, q), 32),
                                       num_stages=2, ctas_per_sm=c) for c in (0, 8, 16)]
+        elif args.kinds == "ctas":
             chosen = da.get_config(da.store_spec(st, q), kv_len, B)
             cands = [dataclasses.replace(chosen, ctas_per_sm=c) for c in (0, 4, 6, 8, 9, 12, 16, 24)]
         else:

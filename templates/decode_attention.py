@@ -51,12 +51,12 @@ score 0 + mask bias, value 0).
   Host lengths: `plan_splits` follows Lq; split s covers the key groups [s * chunk, (s + 1) * chunk)
   of the quantized region; split `res_split` also covers the window and the tail.
   Device lengths (LENGTHS_ON_DEVICE): the number of splits is planned for the capacity kv_len (the
-  launch never depends on the lengths); each program reads (Lq, L): the first splits share [0, Lq)
-  in whole steps (`_device_lengths`: chunk = ceil(Lq / (splits - 1)) rounded up to G or BLOCK_N,
-  so the work stays balanced for any Lq), the last split takes the window [Lq, L) (`_window_split`,
-  like host mode's res_split; one split does both), and every split takes its share of the zero
-  tail (`_tail_share`): in closed form without a mask (count * 2**(0 - m), `_zero_tail_*`), else a
-  loop over the mask only. Splits with nothing write m = -inf, l = 0 (the reduce skips them).
+  launch never depends on the lengths); each program reads (Lq, L) and takes split s's share of
+  [0, L), a window token weighing two quantized ones (`_device_lengths`, `_window_share`: chunk =
+  ceil((Lq + 2 (L - Lq)) / splits) rounded up to G or BLOCK_N, so the work stays balanced for any
+  L), quantized part then window part, and its share of the zero tail (`_tail_share`): in closed
+  form without a mask (count * 2**(0 - m), `_zero_tail_*`), else a loop over the mask only. Splits
+  with nothing write m = -inf, l = 0 (the reduce skips them).
 Performance and its limits on the H100: benchmarks/NOTES.md.
 """
 from __future__ import annotations
@@ -458,22 +458,30 @@ def _lazy_softmax_heads(s, m_i, acc, l_i):
 @triton.jit
 def _device_lengths(LENS, KV_LEN, NUM_SPLITS_RT, STEP: tl.constexpr):
     """Device-lengths mode: (Lq, L) read from LENS[0], LENS[1] and clipped to the attended width,
-    and the tokens per split of the quantized region: [0, Lq) dealt out in whole steps (STEP =
-    max(G, BLOCK_N)) over the first NUM_SPLITS_RT - 1 splits (all of them when there is one), so
-    the work stays balanced for any Lq while the grid depends only on the capacity KV_LEN. The
-    last split takes the window [Lq, L) instead (`_window_split`), as host mode's res_split does:
-    a window row costs about five quantized tokens (bf16 vs packed bytes), so a split holding a
-    full chunk and the window would finish last (H100, GQA batch 1 T32k: 61 vs 48 us)."""
+    and the work per split: [0, L) dealt out over the launch's NUM_SPLITS_RT splits, a window
+    token counting as WINDOW_WEIGHT quantized tokens (`_window_share`), in whole steps (STEP =
+    max(G, BLOCK_N)) of that weighted length, so the work stays balanced for any L while the grid
+    depends only on the capacity KV_LEN. Splits past L get nothing there."""
+    WINDOW_WEIGHT: tl.constexpr = 2
     Lq = tl.minimum(tl.load(LENS), KV_LEN)
     L = tl.minimum(tl.load(LENS + 1), KV_LEN)
-    chunk = tl.maximum(tl.cdiv(Lq, tl.maximum(NUM_SPLITS_RT - 1, 1) * STEP), 1) * STEP
+    chunk = tl.maximum(tl.cdiv(Lq + WINDOW_WEIGHT * (L - Lq), NUM_SPLITS_RT * STEP), 1) * STEP
     return Lq, L, chunk
 
 
 @triton.jit
-def _window_split(pid_s, NUM_SPLITS_RT):
-    """Device-lengths mode: whether split pid_s attends the window [Lq, L) (the last split)."""
-    return pid_s == NUM_SPLITS_RT - 1
+def _window_share(start, chunk, Lq, L):
+    """Device-lengths mode: the window tokens [lo, hi) of the split whose weighted range is
+    [start, start + chunk) (`_device_lengths`). Weighted position Lq + WINDOW_WEIGHT * i is window
+    token Lq + i. A window row reads bf16 keys and values (512 B per token and head at D = 128, no
+    prefetch) where a quantized token reads ~96 B: on the H100 128 window rows took as long as
+    ~200 quantized tokens, so a split that held a full share of quantized tokens and the window
+    finished last (GQA batch 1 T32k, window on the last split: 48 us vs 61 us)."""
+    WINDOW_WEIGHT: tl.constexpr = 2
+    total = Lq + WINDOW_WEIGHT * (L - Lq)
+    lo_w = tl.maximum(start, Lq) - Lq
+    hi_w = tl.maximum(tl.minimum(start + chunk, total) - Lq, lo_w)
+    return Lq + tl.cdiv(lo_w, WINDOW_WEIGHT), Lq + tl.cdiv(hi_w, WINDOW_WEIGHT)
 
 
 @triton.jit
@@ -632,12 +640,12 @@ def _kvpass_decode_rows(
         accz += pb[:, None] * vzb.to(tl.float32)
 
     if LENGTHS_ON_DEVICE:
-        # ---- the window [Lq, L) in the last split (window row r = token - Lq; rows of the
-        # window buffer past L - Lq are never read), then this split's share of the zero tail [L, KV_LEN)
+        # ---- this split's part of the window [Lq, L) (window row r = token - Lq; rows of the
+        # window buffer past L - Lq are never read), then its share of the zero tail [L, KV_LEN)
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
-        w_end = tl.where(_window_split(pid_s, NUM_SPLITS_RT), L, Lq)   # other splits: an empty range
-        for t0 in range(Lq, w_end, HALF):
+        w_lo, w_end = _window_share(start, chunk, Lq, L)
+        for t0 in range(w_lo, w_end, HALF):
             tok = t0 + wrows
             in_res = tok < w_end
             r = tok - Lq
@@ -815,11 +823,11 @@ def _kvpass_decode_dot(
         acc += _dot(p.to(VDT), v, EMULATE_DOT)
 
     if LENGTHS_ON_DEVICE:
-        # ---- the window [Lq, L) in the last split, then this split's share of the zero tail [L, KV_LEN)
+        # ---- this split's part of the window [Lq, L), then its share of the zero tail [L, KV_LEN)
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
-        w_end = tl.where(_window_split(pid_s, NUM_SPLITS_RT), L, Lq)   # other splits: an empty range
-        for t0 in range(Lq, w_end, BLOCK_N):
+        w_lo, w_end = _window_share(start, chunk, Lq, L)
+        for t0 in range(w_lo, w_end, BLOCK_N):
             tok = t0 + nb
             in_res = tok < w_end
             r = tok - Lq
@@ -1086,10 +1094,9 @@ def decode_attention(
       quantized_length/length are ignored; res_k/res_v are the store's whole window buffers
       [B, H, W, D] with W >= L - Lq (the window's token Lq + r at row r; rows past L - Lq are
       never read); the part buffers must hold tokens [0, Lq) (a static store: capacity kv_len
-      rounded up to whole groups). The splits are planned for the capacity kv_len (the window's
-      split counted, as in host mode); the kernel deals [0, Lq) over all but the last split, the
-      window [Lq, L) goes to the last one, and the zero tail [L, kv_len) is shared by all
-      (`_device_lengths`, `_window_split`, `_tail_share`).
+      rounded up to whole groups). The splits are planned for the capacity kv_len; the kernel
+      deals [0, L) (a window token weighing two quantized ones) and the zero tail [L, kv_len) out
+      over them (`_device_lengths`, `_window_share`, `_tail_share`).
     """
     B, Hq, Tq, D = q.shape
     assert Tq == 1, "decode kernel takes one query token"
@@ -1189,8 +1196,8 @@ def decode_attention(
     if lengths is None:
         has_rest = L > Lq or kv_len > L
         S, chunk, res_split = plan_splits(units, Lq, step, has_rest, cfg, q.device, resident)
-    else:  # splits from the capacity (+1 for the window); the kernel computes each split's tokens
-        S = plan_splits(units, kv_len, step, True, cfg, q.device, resident)[0]
+    else:  # splits from the capacity; the kernel computes each split's tokens from the lengths
+        S = plan_splits(units, kv_len, step, False, cfg, q.device, resident)[0]
         chunk, res_split = step, -1  # unused in this mode
     single = S == 1
     if out is None:
