@@ -52,11 +52,10 @@ score 0 + mask bias, value 0).
   of the quantized region; split `res_split` also covers the window and the tail.
   Device lengths (LENGTHS_ON_DEVICE): the number of splits is planned for the capacity kv_len (the
   launch never depends on the lengths); each program reads (Lq, L) and takes split s's share of
-  [0, L), a window token weighing two quantized ones (`_device_lengths`, `_window_share`: chunk =
-  ceil((Lq + 2 (L - Lq)) / splits) rounded up to G or BLOCK_N, so the work stays balanced for any
-  L), quantized part then window part, and its share of the zero tail (`_tail_share`): in closed
-  form without a mask (count * 2**(0 - m), `_zero_tail_*`), else a loop over the mask only. Splits
-  with nothing write m = -inf, l = 0 (the reduce skips them).
+  [0, L) in whole steps (`_device_lengths`: chunk = ceil(L / splits) rounded up to G or BLOCK_N,
+  so the work stays balanced for any L), quantized part then window part, and its share of the
+  zero tail (`_tail_share`): in closed form without a mask (count * 2**(0 - m), `_zero_tail_*`),
+  else a loop over the mask only. Splits with nothing write m = -inf, l = 0 (the reduce skips them).
 Performance and its limits on the H100: benchmarks/NOTES.md.
 """
 from __future__ import annotations
@@ -458,30 +457,13 @@ def _lazy_softmax_heads(s, m_i, acc, l_i):
 @triton.jit
 def _device_lengths(LENS, KV_LEN, NUM_SPLITS_RT, STEP: tl.constexpr):
     """Device-lengths mode: (Lq, L) read from LENS[0], LENS[1] and clipped to the attended width,
-    and the work per split: [0, L) dealt out over the launch's NUM_SPLITS_RT splits, a window
-    token counting as WINDOW_WEIGHT quantized tokens (`_window_share`), in whole steps (STEP =
-    max(G, BLOCK_N)) of that weighted length, so the work stays balanced for any L while the grid
-    depends only on the capacity KV_LEN. Splits past L get nothing there."""
-    WINDOW_WEIGHT: tl.constexpr = 2
+    and the tokens per split: [0, L) (quantized region and window) dealt out over the launch's
+    NUM_SPLITS_RT splits in whole steps (STEP = max(G, BLOCK_N)), so the work stays balanced for
+    any L while the grid depends only on the capacity KV_LEN. Splits past L get nothing there."""
     Lq = tl.minimum(tl.load(LENS), KV_LEN)
     L = tl.minimum(tl.load(LENS + 1), KV_LEN)
-    chunk = tl.maximum(tl.cdiv(Lq + WINDOW_WEIGHT * (L - Lq), NUM_SPLITS_RT * STEP), 1) * STEP
+    chunk = tl.maximum(tl.cdiv(L, NUM_SPLITS_RT * STEP), 1) * STEP
     return Lq, L, chunk
-
-
-@triton.jit
-def _window_share(start, chunk, Lq, L):
-    """Device-lengths mode: the window tokens [lo, hi) of the split whose weighted range is
-    [start, start + chunk) (`_device_lengths`). Weighted position Lq + WINDOW_WEIGHT * i is window
-    token Lq + i. A window row reads bf16 keys and values (512 B per token and head at D = 128, no
-    prefetch) where a quantized token reads ~96 B: on the H100 128 window rows took as long as
-    ~200 quantized tokens, so a split that held a full share of quantized tokens and the window
-    finished last (GQA batch 1 T32k, window on the last split: 48 us vs 61 us)."""
-    WINDOW_WEIGHT: tl.constexpr = 2
-    total = Lq + WINDOW_WEIGHT * (L - Lq)
-    lo_w = tl.maximum(start, Lq) - Lq
-    hi_w = tl.maximum(tl.minimum(start + chunk, total) - Lq, lo_w)
-    return Lq + tl.cdiv(lo_w, WINDOW_WEIGHT), Lq + tl.cdiv(hi_w, WINDOW_WEIGHT)
 
 
 @triton.jit
@@ -644,8 +626,8 @@ def _kvpass_decode_rows(
         # window buffer past L - Lq are never read), then its share of the zero tail [L, KV_LEN)
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
-        w_lo, w_end = _window_share(start, chunk, Lq, L)
-        for t0 in range(w_lo, w_end, HALF):
+        w_end = tl.minimum(start + chunk, L)
+        for t0 in range(tl.maximum(start, Lq), w_end, HALF):
             tok = t0 + wrows
             in_res = tok < w_end
             r = tok - Lq
@@ -826,8 +808,8 @@ def _kvpass_decode_dot(
         # ---- this split's part of the window [Lq, L), then its share of the zero tail [L, KV_LEN)
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
-        w_lo, w_end = _window_share(start, chunk, Lq, L)
-        for t0 in range(w_lo, w_end, BLOCK_N):
+        w_end = tl.minimum(start + chunk, L)
+        for t0 in range(tl.maximum(start, Lq), w_end, BLOCK_N):
             tok = t0 + nb
             in_res = tok < w_end
             r = tok - Lq
@@ -1095,8 +1077,7 @@ def decode_attention(
       [B, H, W, D] with W >= L - Lq (the window's token Lq + r at row r; rows past L - Lq are
       never read); the part buffers must hold tokens [0, Lq) (a static store: capacity kv_len
       rounded up to whole groups). The splits are planned for the capacity kv_len; the kernel
-      deals [0, L) (a window token weighing two quantized ones) and the zero tail [L, kv_len) out
-      over them (`_device_lengths`, `_window_share`, `_tail_share`).
+      deals [0, L) and the zero tail [L, kv_len) out over them (`_device_lengths`, `_tail_share`).
     """
     B, Hq, Tq, D = q.shape
     assert Tq == 1, "decode kernel takes one query token"
