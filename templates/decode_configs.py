@@ -189,13 +189,15 @@ def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
     GQA/MQA at batch >= 2: the tensor-core variant with unpadded query rows, one key group per step,
     1 warp and many splits (short programs, many in flight); rows lost 15-50 % there at batch
     8-32 (results/attention.csv run of session 5). Session 7 graph replays, batch 8 32/8 T16k 2-bit
-    (results/tune_graph_s7_gqa_*.csv): G32 1 warp 168 us vs 2 warps 215; G128 whole-wave splits
-    (ctas_per_sm 0) 195 us vs 236 at 32 programs per SM."""
+    (results/tune_graph_s7_gqa_*.csv): G32 1 warp 168 us vs 2 warps 215 (in the attention table:
+    GQA G32 1.06-1.61x SDPA, from 0.8-1.1x). G128 keeps 32 programs per SM: whole-wave splits won
+    at batch 8 T16k 2-bit (198 vs 227 us) but lost up to 25 % for 4-bit G128 and at T4k
+    (results/attention_s7_gqa_g128_waves.csv)."""
     if spec.rep == 1 or batch == 1:
         return replace(DEFAULT_CONFIG, use_dot=False, block_n=32, num_warps=rows_warps(spec, 32), num_stages=2,
                        ctas_per_sm=0)
     if spec.group_size >= 64:
-        return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64, num_warps=1, num_stages=3, ctas_per_sm=0)
+        return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64, num_warps=1, num_stages=3, ctas_per_sm=32)
     return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=min(32, spec.group_size), num_warps=1,
                    num_stages=3, ctas_per_sm=32)
 
