@@ -1012,10 +1012,11 @@ _RESIDENT: dict = {}
 def _resident_per_sm(fn, make_args, kw, device) -> int | None:
     """Programs of the multi-split specialization (fn, constexprs kw) resident per SM, from the
     compiled kernel's registers and shared memory (`resident_programs`); memoized per
-    specialization and device (make_args() builds launch arguments only on a miss). Compiling it here is no extra work: the launch that follows uses
-    the same cache entry. None in the interpreter, on a Triton that does not expose `n_regs`, or
-    during a CUDA-graph capture of a specialization not seen before (the plan falls back to
-    FALLBACK_CTAS_PER_SM per SM then, and the next uncaptured call computes the real value)."""
+    specialization and device (make_args() builds launch arguments only on a miss). Compiling it
+    here is no extra work: a multi-split launch that follows uses the same cache entry. None in
+    the interpreter, on a Triton that does not expose `n_regs`, or during a CUDA-graph capture of
+    a specialization not seen before (the plan falls back to FALLBACK_CTAS_PER_SM per SM then,
+    and the next uncaptured call computes the real value)."""
     if device.type != "cuda" or _interpreting():
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()

@@ -159,10 +159,11 @@ def wave_splits(units: int, resident_total: int, max_waves: int = 4) -> int:
     splits as fit. More: the split count (<= max_waves) whose last wave is fullest, fewest waves on
     ties. Why (H100 graph replays, results/tune_graph_s6_ctas_b*.csv): a decode program streams
     its tokens at a rate set by memory latency, so time ~ waves x tokens per program; a partial
-    last wave costs as much as a full one. 2-bit rows (220 registers, 1 warp: 9 per SM, 1188):
-    batch 8 -> 4 splits, 1024 programs, 182 us; 5 splits (1280, a second wave of 92) 233 us.
-    4-bit rows (148 registers, 2 warps: 6 per SM, 792): batch 8 -> 3 splits (768) 252 us, 4 (1024)
-    317 us; batch 32 -> 3 splits (3072 = 3.9 waves) 992 us, 1 split (1.3 waves) 1251 us."""
+    last wave costs as much as a full one. 2-bit rows (Triton 3.6: 240 registers, 1 warp: 8 per
+    SM, 1056): batch 8 -> 4 splits, 1024 programs, 179 us; 5 splits (1280, a second wave) 233 us.
+    4-bit rows (154-166 registers, 2 warps: 6 per SM, 792): batch 8 -> 3 splits (768) 251 us, 4
+    (1024) 321 us; batch 32 -> 3 splits (3072 = 3.9 waves) 990 us, 1 split (1.3 waves) 1251 us
+    (results/tune_graph_s7_ctas_b*.csv: within 1-7 % of the best fixed target in every shape)."""
     if units <= 0 or resident_total <= 0:
         return 1
     if units <= resident_total:
