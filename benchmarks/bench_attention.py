@@ -145,13 +145,14 @@ def sdpa_ms(B, Hq, Hkv, T, D, free):
     caches = [(torch.randn(B, Hkv, T, D, device=DEV, dtype=torch.bfloat16),
                torch.randn(B, Hkv, T, D, device=DEV, dtype=torch.bfloat16)) for _ in range(n)]
     graph, eager = {}, {}
-    for name in sdpa_forms(q, *caches[0]):
+    forms = [sdpa_forms(q, k, v) for k, v in caches]  # per copy: name -> call
+    for name in forms[0]:
         try:
-            eager[name] = do_bench(sdpa_forms(q, *caches[0])[name], warmup=25, rep=100, return_mode="median")
-            graph[name] = time_graph([sdpa_forms(q, k, v)[name] for k, v in caches])
+            eager[name] = do_bench(forms[0][name], warmup=25, rep=100, return_mode="median")
+            graph[name] = time_graph([f[name] for f in forms])
         except Exception as e:  # noqa: BLE001  (a formulation this torch build rejects: the other one is used)
             print(f"  sdpa {name} failed:", type(e).__name__, str(e)[:120])
-    del caches
+    del caches, forms
     return min(graph.values()), min(eager.values())
 
 

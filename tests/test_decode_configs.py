@@ -91,22 +91,29 @@ def _fake_run(good: torch.Tensor, wrong=(), failing=()):
     return run
 
 
+def _fake_timing(run, cost):
+    """(run_tracking, timer) for `dc.tune`: run_tracking calls run and remembers the config; the
+    timer runs the call as the real one does and returns cost(that config) as its time."""
+    last = {}
+
+    def run_tracking(cfg):
+        last["cfg"] = cfg
+        return run(cfg)
+
+    def timer(fn, device):
+        fn()
+        return cost(last["cfg"])
+
+    return run_tracking, timer
+
+
 def test_tune_keeps_the_fastest_correct_config_and_saves_it(fresh_cache, caplog):
     cands = dc.candidate_configs(GQA, 8)
     fastest_wrong, fastest_failing, fastest_ok = cands[1], cands[2], cands[3]
     times = {fastest_wrong: 1.0, fastest_failing: 1.0, fastest_ok: 2.0}
     good = torch.randn(2, 8, 1, 128)
     run = _fake_run(good, wrong={fastest_wrong}, failing={fastest_failing})
-    current = {}
-
-    def run_tracking(cfg):
-        current["cfg"] = cfg
-        return run(cfg)
-
-    def timer(fn, device):
-        fn()
-        return times.get(current["cfg"], 5.0)
-
+    run_tracking, timer = _fake_timing(run, lambda cfg: times.get(cfg, 5.0))
     with caplog.at_level("INFO", logger="kvpass"):
         best = dc.tune(GQA, 32768, 8, run_tracking, timer=timer)
     assert best == fastest_ok
@@ -161,18 +168,12 @@ def test_autotune_end_to_end_then_a_new_process_reuses_the_cache(fresh_cache, mo
     timed = []
     real_tune = dc.tune
 
+    def cost(cfg):
+        timed.append(cfg)
+        return 1.0 if cfg == pick else 2.0
+
     def tune_with_fake_timer(spec_, length, batch, run):
-        last = {}
-
-        def run_tracking(cfg):
-            last["cfg"] = cfg
-            return run(cfg)
-
-        def timer(fn, device):
-            fn()
-            timed.append(last["cfg"])
-            return 1.0 if last["cfg"] == pick else 2.0
-
+        run_tracking, timer = _fake_timing(run, cost)
         return real_tune(spec_, length, batch, run_tracking, timer=timer)
 
     monkeypatch.setattr(dc, "tune", tune_with_fake_timer)
