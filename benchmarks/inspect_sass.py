@@ -3,7 +3,7 @@ instruction mix of the two longest loops, per thread (the main loop over the qua
 the one with LOP3/FFMA/LDG of codes; the window loop can be the longer one).
 
     PYTHONPATH=. python3 benchmarks/inspect_sass.py [--variant rows|dot] [--block-n 32] [--warps 2]
-        [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--dump FILE]
+        [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--stages 2] [--maxnreg N] [--dump FILE]
 
 Uses the local Triton's bundled ptxas/nvdisasm/cuobjdump (Triton 3.9 here; the device runs 3.6, so
 counts can differ a little). benchmarks/NOTES.md (session 4) shows what these counts predicted.
@@ -31,7 +31,8 @@ _UNSPECIALIZED = set(da._DNS)
 
 
 def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: int, warps: int, use_asm: bool,
-                   fuse_reduce: bool = True, device_lengths: bool = False, single: bool = False):
+                   fuse_reduce: bool = True, device_lengths: bool = False, single: bool = False,
+                   num_stages: int = 2, maxnreg: int | None = None):
     """The kernel compiled for sm_90 as the launcher would specialize it (strides % 16, bf16 model)."""
     fn = da._kvpass_decode_rows if variant == "rows" else da._kvpass_decode_dot
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
@@ -49,7 +50,8 @@ def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: 
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or (n.startswith("s_") and n not in _UNSPECIALIZED)}
     src = ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items() if k in names}, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=2))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=num_stages,
+                                                                               maxnreg=maxnreg))
 
 
 def sass_report(kernel, loops: int = 2) -> tuple[str, str]:
@@ -97,10 +99,12 @@ def main():
     ap.add_argument("--separate-reduce", action="store_true", help="the reduce in a launch of its own (no fused epilogue)")
     ap.add_argument("--device-lengths", action="store_true", help="the LENGTHS_ON_DEVICE specialization")
     ap.add_argument("--single", action="store_true", help="the one-split specialization (SINGLE)")
+    ap.add_argument("--stages", type=int, default=2, help="num_stages")
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (DecodeConfig.max_regs)")
     ap.add_argument("--dump", default=None, help="write the SASS here")
     a = ap.parse_args()
     k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm, not a.separate_reduce,
-                       a.device_lengths, a.single)
+                       a.device_lengths, a.single, a.stages, a.maxnreg)
     report, sass = sass_report(k)
     print(f"{a.variant} b{a.bits} g{a.group} d{a.head_dim} BLOCK_N {a.block_n}, {a.warps} warps: {report}")
     if a.dump:

@@ -63,10 +63,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x32x32768,8x32x16384")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot", "fuse", "ctas", "gqa"),
+    ap.add_argument("--kinds", default="all", choices=("all", "rows", "dot", "fuse", "ctas", "gqa", "regs"),
                     help="config lists; fuse: the default config with the split reduce fused and as its own launch; "
                          "ctas: the default config at several split targets (ctas_per_sm; 0 = whole waves); "
-                         "gqa: tensor-core configs around the GQA default and rows configs")
+                         "gqa: tensor-core configs around the GQA default and rows configs; "
+                         "regs: the default config under register caps (max_regs) and 2 or 3 stages")
     ap.add_argument("--name", default="tune_graph.csv", help="CSV file name under --out")
     ap.add_argument("--bits", type=int, default=2, choices=(2, 4, 8))
     ap.add_argument("--only-default", action="store_true", help="time SDPA and the default config only")
@@ -116,6 +117,10 @@ def main():
                      for w, c, ns in itertools.product((1, 2, 4), (0, 8, 16, 32, 64), (2, 3))]
             cands += [da.DecodeConfig(use_dot=False, block_n=32, num_warps=da.rows_warps(da.store_spec(st, q), 32),
                                       num_stages=2, ctas_per_sm=c) for c in (0, 8, 16)]
+        elif args.kinds == "regs":
+            chosen = da.get_config(da.store_spec(st, q), kv_len, B)
+            cands = [dataclasses.replace(chosen, max_regs=r, num_stages=ns, ctas_per_sm=c)
+                     for r, ns, c in itertools.product((0, 128, 168, 200), (2, 3), sorted({chosen.ctas_per_sm, 0}))]
         elif args.kinds == "ctas":
             chosen = da.get_config(da.store_spec(st, q), kv_len, B)
             cands = [dataclasses.replace(chosen, ctas_per_sm=c) for c in (0, 4, 6, 8, 9, 12, 16, 24)]

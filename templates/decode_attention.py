@@ -76,6 +76,11 @@ from kvpass.templates.decode_configs import (  # noqa: F401  (configs are part o
 
 log = logging.getLogger("kvpass")
 
+# Splits per block of the fused reduce (`_reduce_row`): 32 x HEAD_DIM fp32 partials in flight per
+# block (128 registers per thread for D=128 in one warp, after the main loop's are dead), so the 33
+# splits of a batch-1 row take two rounds of loads.
+FUSED_REDUCE_BLOCK = tl.constexpr(32)
+
 LOG2E = 1.4426950408889634
 SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_GROUPS = (16, 32, 64, 128)
@@ -680,7 +685,39 @@ def _kvpass_decode_rows(
         tl.store(OL + row, l_sum)
         if FUSE_REDUCE:
             if _last_split(CNT + orow, NUM_SPLITS_RT):
-                _reduce_row(OP, OM, OL, OUT, orow, NUM_SPLITS_RT, HEAD_DIM, D_PAD, 16)
+                _reduce_row(OP, OM, OL, OUT, orow, NUM_SPLITS_RT, HEAD_DIM, D_PAD, FUSED_REDUCE_BLOCK)
+
+
+@triton.jit
+def _to_tile_order(x, BITS: tl.constexpr):
+    """[N, D_PAD] in natural channel order -> the `_join_tree` tile order (`_perm`): inside each
+    word's KP = 32 // BITS channels, position 2 * k + h holds channel k + h * KP / 2. A permute in
+    registers, so the tile is loaded with contiguous, vectorized loads (not gathered)."""
+    KP: tl.constexpr = 32 // BITS
+    N: tl.constexpr = x.shape[0]
+    DP: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.permute(tl.reshape(x, (N, DP // KP, 2, KP // 2)), (0, 1, 3, 2)), (N, DP))
+
+
+@triton.jit
+def _window_step_heads(rk_base, rv_base, r, in_res, tok_ok, qn, m_i, acc, l_i, qk_scale, MASK, mask_row, tok, h_ok,
+                       s_mk, HEAD_DIM: tl.constexpr, VALUE_BITS: tl.constexpr, MASK_KIND: tl.constexpr,
+                       EMULATE_DOT: tl.constexpr):
+    """One step of the dot variant over full-precision window rows r (tokens tok; rows with in_res
+    False read zeros, columns with tok_ok False are not attended): keys and values loaded in
+    natural channel order, q in natural order qn [HB, D_PAD] (model dtype) for the scores, the
+    values permuted to the accumulator's tile order."""
+    D_PAD: tl.constexpr = qn.shape[1]
+    d = tl.arange(0, D_PAD)
+    ld_mask = in_res[:, None] & (d < HEAD_DIM)[None, :]
+    k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0)
+    s = _dot(qn, tl.trans(k), EMULATE_DOT) * qk_scale
+    s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
+    s = tl.where(tok_ok[None, :], s, float("-inf"))
+    p, m_i, acc, l_i = _lazy_softmax_heads(s, m_i, acc, l_i)
+    v = _to_tile_order(tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0), VALUE_BITS)
+    acc += _dot(p.to(qn.dtype), v, EMULATE_DOT)
+    return m_i, acc, l_i
 
 
 @triton.jit(do_not_specialize=_DNS)
@@ -739,7 +776,9 @@ def _kvpass_decode_dot(
     dv = _perm(d, VALUE_BITS)    # ... and of each value / output column
     q_ptr = Q + pid_b * s_qb + hq[:, None] * s_qh
     q = tl.load(q_ptr + dk[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    qn = tl.load(q_ptr + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # natural order
+    qn = tl.load(q_ptr + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # natural order (window keys)
+    qn_dt = qn
+    qn = qn.to(tl.float32)
     mask_row = pid_b * s_mb + hq[:, None] * s_mh
 
     m_i = tl.full([HB], float("-inf"), tl.float32)
@@ -812,14 +851,9 @@ def _kvpass_decode_dot(
         for t0 in range(tl.maximum(start, Lq), w_end, BLOCK_N):
             tok = t0 + nb
             in_res = tok < w_end
-            r = tok - Lq
-            k = tl.load(rk_base + r[:, None] * HEAD_DIM + dk[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-            s = _dot(q.to(DT), tl.trans(k), EMULATE_DOT) * qk_scale
-            s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & in_res[None, :], s_mk, MASK_KIND)
-            s = tl.where(in_res[None, :], s, float("-inf"))
-            p, m_i, acc, l_i = _lazy_softmax_heads(s, m_i, acc, l_i)
-            v = tl.load(rv_base + r[:, None] * HEAD_DIM + dv[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-            acc += _dot(p.to(DT), v, EMULATE_DOT)
+            m_i, acc, l_i = _window_step_heads(rk_base, rv_base, tok - Lq, in_res, in_res, qn_dt, m_i, acc, l_i, qk_scale,
+                                               MASK, mask_row, tok, h_ok, s_mk, HEAD_DIM, VALUE_BITS, MASK_KIND,
+                                               EMULATE_DOT)
         t_start, t_end = _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT)
         if MASK_KIND == 0:   # score 0, value 0: closed form
             m_i, acc, l_i = _zero_tail_heads(t_end - t_start, m_i, acc, l_i)
@@ -837,16 +871,9 @@ def _kvpass_decode_dot(
             rv_base = RV + pid_b * s_rb + pid_h * s_rh
             for t0 in range(Lq, KV_LEN, BLOCK_N):
                 tok = t0 + nb
-                in_res = tok < L
-                tok_ok = tok < KV_LEN
-                r = tok - Lq
-                k = tl.load(rk_base + r[:, None] * HEAD_DIM + dk[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-                s = _dot(q.to(DT), tl.trans(k), EMULATE_DOT) * qk_scale
-                s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
-                s = tl.where(tok_ok[None, :], s, float("-inf"))
-                p, m_i, acc, l_i = _lazy_softmax_heads(s, m_i, acc, l_i)
-                v = tl.load(rv_base + r[:, None] * HEAD_DIM + dv[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-                acc += _dot(p.to(DT), v, EMULATE_DOT)
+                m_i, acc, l_i = _window_step_heads(rk_base, rv_base, tok - Lq, tok < L, tok < KV_LEN, qn_dt, m_i, acc,
+                                                   l_i, qk_scale, MASK, mask_row, tok, h_ok, s_mk, HEAD_DIM,
+                                                   VALUE_BITS, MASK_KIND, EMULATE_DOT)
 
     if SINGLE:
         orow = pid_b * tl.num_programs(1) * REP + hq
@@ -861,7 +888,7 @@ def _kvpass_decode_dot(
             kv_row = pid_b * tl.num_programs(1) + pid_h
             if _last_split(CNT + kv_row, NUM_SPLITS_RT):
                 for j in range(REP):
-                    _reduce_row(OP, OM, OL, OUT, kv_row * REP + j, NUM_SPLITS_RT, HEAD_DIM, D_PAD, 16)
+                    _reduce_row(OP, OM, OL, OUT, kv_row * REP + j, NUM_SPLITS_RT, HEAD_DIM, D_PAD, FUSED_REDUCE_BLOCK)
 
 
 @triton.jit
@@ -884,28 +911,31 @@ def _reduce_row(OP, OM, OL, OUT, orow, NUM_SPLITS_RT,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_BLOCK: tl.constexpr):
     """OUT[orow] = sum_s 2**(m_s - M) acc_s / sum_s 2**(m_s - M) l_s over the NUM_SPLITS_RT splits
     of output row orow (OP [rows * splits, HEAD_DIM], OM/OL [rows * splits] fp32), S_BLOCK splits
-    at a time. Splits that saw nothing (m = -inf) weigh 0. Loads bypass L1 (.cg): in the fused
-    reduce other programs of the same launch wrote these partials."""
+    at a time, in one pass: each block's m, l and partials are loaded together and the running
+    result is rescaled when the block raises the max (one round of loads per block; a max pass
+    first would double the dependent rounds, which is what batch-1 decode waits on). Splits that
+    saw nothing (m = -inf) weigh 0. Loads bypass L1 (.cg): in the fused reduce other programs of
+    the same launch wrote these partials."""
     sp = tl.arange(0, S_BLOCK)
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
     base = orow * NUM_SPLITS_RT
-    m_max = tl.full([], float("-inf"), tl.float32)
-    for s0 in range(0, NUM_SPLITS_RT, S_BLOCK):
-        s_ok = s0 + sp < NUM_SPLITS_RT
-        m = tl.load(OM + base + s0 + sp, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        m_max = tl.maximum(m_max, tl.max(m, axis=0))
+    m_run = tl.full([], float("-inf"), tl.float32)
     o = tl.zeros([D_PAD], tl.float32)
     denom = tl.zeros([], tl.float32)
     for s0 in range(0, NUM_SPLITS_RT, S_BLOCK):
         s_ok = s0 + sp < NUM_SPLITS_RT
         m = tl.load(OM + base + s0 + sp, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
         lsum = tl.load(OL + base + s0 + sp, mask=s_ok, other=0.0, cache_modifier=".cg")
-        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
-        denom += tl.sum(w * lsum, axis=0)
         part = tl.load(OP + (base + s0 + sp)[:, None] * HEAD_DIM + d[None, :],
                        mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-        o += tl.sum(part * w[:, None], axis=0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - ref)                    # 0 while nothing was seen (m_run = -inf)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - ref))
+        o = o * alpha + tl.sum(part * w[:, None], axis=0)
+        denom = denom * alpha + tl.sum(w * lsum, axis=0)
+        m_run = m_new
     tl.store(OUT + orow * HEAD_DIM + d, (o / denom).to(OUT.dtype.element_ty), mask=d_ok)
 
 
@@ -1153,6 +1183,8 @@ def decode_attention(
     common = dict(KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP_SIZE=G, HEAD_DIM=D, D_PAD=D_PAD,
                   BLOCK_N=block_n, MASK_KIND=mask_kind, LENGTHS_ON_DEVICE=lengths is not None,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.max_regs and not interp:
+        common["maxnreg"] = cfg.max_regs
     if use_dot:
         common.update(HB=max(cfg.pad_heads, _next_pow2(rep)), EMULATE_DOT=interp,
                       USE_ASM=(not interp) and q.dtype != torch.float32 and cfg.use_asm)

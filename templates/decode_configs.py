@@ -36,6 +36,13 @@ class DecodeConfig:
     min_groups_per_split: int = 4
     pad_heads: int = 16        # dot variant: query rows per program padded to >= this (1 = exact)
     fuse_reduce: bool = True   # with several splits, the last program of a row reduces them (one launch)
+    max_regs: int = 0          # registers per thread the compiler may use (Triton's maxnreg; 0: no cap). A cap
+                               # trades spills for more resident programs; ignored by the interpreter
+
+    def __post_init__(self):
+        if not (self.max_regs == 0 or 24 <= self.max_regs <= 255):
+            raise ValueError(f"kvpass DecodeConfig: max_regs {self.max_regs!r} is not 0 (no cap) or 24..255 "
+                             "registers per thread")
 
 
 DEFAULT_CONFIG = DecodeConfig()

@@ -1,0 +1,101 @@
+"""A/B timings of the decode kernel that need one process per variant (Triton compiles a kernel's
+helpers once per process): the default config at given shapes, CUDA-graph timed as
+`tune_decode_graph.py` times it, optionally with the session-7 two-pass split reduce swapped in
+(--old-reduce) or with an empty full-precision window (--empty-window: L = Lq, so the split that
+reaches Lq has no window tokens to add), in host- or device-lengths mode.
+
+    PYTHONPATH=. python3 benchmarks/ab_decode.py --shapes 1x32x16384,8x32x8x16384 [--bits 2] [--group 32]
+        [--old-reduce] [--empty-window] [--host-lengths] [--tag NAME]
+
+Prints one line per shape: tag, shape, bits, group, lengths mode, microseconds per call.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.timing import copies_for, graph_us  # noqa: E402
+from benchmarks.tune_decode_graph import make_store  # noqa: E402
+from kvpass.templates import decode_attention as da  # noqa: E402
+
+
+@triton.jit
+def _reduce_row_two_pass(OP, OM, OL, OUT, orow, NUM_SPLITS_RT,
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_BLOCK: tl.constexpr):
+    """The session-7 reduce (max pass, then weighted-sum pass, 16 splits per block)."""
+    sp = tl.arange(0, 16)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    base = orow * NUM_SPLITS_RT
+    m_max = tl.full([], float("-inf"), tl.float32)
+    for s0 in range(0, NUM_SPLITS_RT, 16):
+        s_ok = s0 + sp < NUM_SPLITS_RT
+        m = tl.load(OM + base + s0 + sp, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        m_max = tl.maximum(m_max, tl.max(m, axis=0))
+    o = tl.zeros([D_PAD], tl.float32)
+    denom = tl.zeros([], tl.float32)
+    for s0 in range(0, NUM_SPLITS_RT, 16):
+        s_ok = s0 + sp < NUM_SPLITS_RT
+        m = tl.load(OM + base + s0 + sp, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        lsum = tl.load(OL + base + s0 + sp, mask=s_ok, other=0.0, cache_modifier=".cg")
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+        denom += tl.sum(w * lsum, axis=0)
+        part = tl.load(OP + (base + s0 + sp)[:, None] * HEAD_DIM + d[None, :],
+                       mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+        o += tl.sum(part * w[:, None], axis=0)
+    tl.store(OUT + orow * HEAD_DIM + d, (o / denom).to(OUT.dtype.element_ty), mask=d_ok)
+
+
+def call_for(q, st, kv_len, empty_window: bool, host: bool):
+    """One decode call over store st (the default config), with the window emptied if asked."""
+    if not empty_window:
+        return lambda: da.decode_attention_store(q, st, kv_len=kv_len)
+    kb, vb = st.keys.buffers, st.values.buffers
+    parts = (kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"])
+    bits = dict(key_bits=st.cfg.key_bits, value_bits=st.cfg.value_bits, group_size=st.cfg.group_size)
+    Lq = st.quantized_length
+    if host:
+        rk, rv = st.res_k[:, :, :0], st.res_v[:, :, :0]
+        return lambda: da.decode_attention(q, *parts, rk, rv, quantized_length=Lq, length=Lq, kv_len=kv_len, **bits)
+    lengths = st.device_lengths.clone()
+    lengths[1] = lengths[0]
+    return lambda: da.decode_attention(q, *parts, st.window_k, st.window_v, kv_len=kv_len, lengths=lengths, **bits)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="1x32x16384")
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--old-reduce", action="store_true")
+    ap.add_argument("--empty-window", action="store_true")
+    ap.add_argument("--host-lengths", action="store_true")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    if args.old_reduce:  # before any compile: the kernels look the helper up in the module's globals
+        da._reduce_row = _reduce_row_two_pass
+    mode = "host" if args.host_lengths else "device"
+    for shape in args.shapes.split(","):
+        dims = [int(x) for x in shape.split("x")]
+        B, Hq, H, T = dims if len(dims) == 4 else (dims[0], dims[1], dims[1], dims[2])
+        n = copies_for(B * H * T * (2 * 128 * args.bits // 8 + 8), torch.cuda.mem_get_info()[0])
+        stores = [make_store(B, H, T, bits=args.bits, G=args.group, device_lengths=not args.host_lengths)
+                  for _ in range(n)]
+        q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
+        kv_len = T + 64
+        us = graph_us([call_for(q, s, kv_len, args.empty_window, args.host_lengths) for s in stores])
+        print(f"AB {args.tag or 'default'} {shape} b{args.bits} g{args.group} {mode}"
+              f"{' empty-window' if args.empty_window else ''}: {us:.2f} us", flush=True)
+        del stores
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
