@@ -1,7 +1,7 @@
 """A/B timings of the decode kernel that need one process per variant (Triton compiles a kernel's
 helpers once per process): the default config at given shapes, CUDA-graph timed as
 `tune_decode_graph.py` times it, optionally with the session-7 two-pass split reduce swapped in
-(--old-reduce) or with an empty full-precision window (--empty-window: L = Lq, so the split that
+(--old-reduce), the one-pass reduce with another block of splits (--reduce-block), or with an empty full-precision window (--empty-window: L = Lq, so the split that
 reaches Lq has no window tokens to add), in host- or device-lengths mode.
 
     PYTHONPATH=. python3 benchmarks/ab_decode.py --shapes 1x32x16384,8x32x8x16384 [--bits 2] [--group 32]
@@ -53,6 +53,14 @@ def _reduce_row_two_pass(OP, OM, OL, OUT, orow, NUM_SPLITS_RT,
     tl.store(OUT + orow * HEAD_DIM + d, (o / denom).to(OUT.dtype.element_ty), mask=d_ok)
 
 
+def use_variant(old_reduce: bool, reduce_block: int = 0):
+    """Before any compile (the kernels look their helpers and constexpr globals up in the module)."""
+    if old_reduce:
+        da._reduce_row = _reduce_row_two_pass
+    if reduce_block:
+        da.FUSED_REDUCE_BLOCK = tl.constexpr(reduce_block)
+
+
 def call_for(q, st, kv_len, empty_window: bool, host: bool):
     """One decode call over store st (the default config), with the window emptied if asked."""
     if not empty_window:
@@ -75,12 +83,12 @@ def main():
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--old-reduce", action="store_true")
+    ap.add_argument("--reduce-block", type=int, default=0, help="splits per round of the one-pass fused reduce")
     ap.add_argument("--empty-window", action="store_true")
     ap.add_argument("--host-lengths", action="store_true")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
-    if args.old_reduce:  # before any compile: the kernels look the helper up in the module's globals
-        da._reduce_row = _reduce_row_two_pass
+    use_variant(args.old_reduce, args.reduce_block)
     mode = "host" if args.host_lengths else "device"
     for shape in args.shapes.split(","):
         dims = [int(x) for x in shape.split("x")]

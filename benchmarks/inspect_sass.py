@@ -3,7 +3,7 @@ instruction mix of the two longest loops, per thread (the main loop over the qua
 the one with LOP3/FFMA/LDG of codes; the window loop can be the longer one).
 
     PYTHONPATH=. python3 benchmarks/inspect_sass.py [--variant rows|dot] [--block-n 32] [--warps 2]
-        [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--stages 2] [--maxnreg N] [--dump FILE]
+        [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--stages 2] [--maxnreg N] [--hb 4] [--dump FILE]
 
 Uses the local Triton's bundled ptxas/nvdisasm/cuobjdump (Triton 3.9 here; the device runs 3.6, so
 counts can differ a little). benchmarks/NOTES.md (session 4) shows what these counts predicted.
@@ -32,7 +32,7 @@ _UNSPECIALIZED = set(da._DNS)
 
 def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: int, warps: int, use_asm: bool,
                    fuse_reduce: bool = True, device_lengths: bool = False, single: bool = False,
-                   num_stages: int = 2, maxnreg: int | None = None):
+                   num_stages: int = 2, maxnreg: int | None = None, hb: int = 4):
     """The kernel compiled for sm_90 as the launcher would specialize it (strides % 16, bf16 model)."""
     fn = da._kvpass_decode_rows if variant == "rows" else da._kvpass_decode_dot
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
@@ -42,7 +42,7 @@ def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: 
     if not device_lengths:
         const["LENS"] = None
     if variant == "dot":
-        const.update(HB=16, EMULATE_DOT=False)
+        const.update(HB=hb, EMULATE_DOT=False)
     ptr = dict(Q="*bf16", KC="*i32", KS="*fp16", KZ="*fp16", VC="*i32", VS="*fp16", VZ="*fp16", RK="*bf16",
                RV="*bf16", MASK="*bf16", OP="*fp32", OM="*fp32", OL="*fp32", OUT="*bf16", CNT="*i32", LENS="*i32")
     names = list(fn.arg_names)
@@ -100,11 +100,16 @@ def main():
     ap.add_argument("--device-lengths", action="store_true", help="the LENGTHS_ON_DEVICE specialization")
     ap.add_argument("--single", action="store_true", help="the one-split specialization (SINGLE)")
     ap.add_argument("--stages", type=int, default=2, help="num_stages")
+    ap.add_argument("--hb", type=int, default=4, help="(dot) query rows per program: 4 is GQA 32/8 unpadded (pad_heads=1)")
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (DecodeConfig.max_regs)")
+    ap.add_argument("--old-reduce", action="store_true", help="the session-7 two-pass reduce (benchmarks/ab_decode.py)")
+    ap.add_argument("--reduce-block", type=int, default=0, help="splits per round of the one-pass fused reduce")
     ap.add_argument("--dump", default=None, help="write the SASS here")
     a = ap.parse_args()
+    from benchmarks.ab_decode import use_variant
+    use_variant(a.old_reduce, a.reduce_block)
     k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm, not a.separate_reduce,
-                       a.device_lengths, a.single, a.stages, a.maxnreg)
+                       a.device_lengths, a.single, a.stages, a.maxnreg, a.hb)
     report, sass = sass_report(k)
     print(f"{a.variant} b{a.bits} g{a.group} d{a.head_dim} BLOCK_N {a.block_n}, {a.warps} warps: {report}")
     if a.dump:
