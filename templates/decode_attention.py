@@ -76,10 +76,11 @@ from kvpass.templates.decode_configs import (  # noqa: F401  (configs are part o
 
 log = logging.getLogger("kvpass")
 
-# Splits per block of the fused reduce (`_reduce_row`): 32 x HEAD_DIM fp32 partials in flight per
-# block (128 registers per thread for D=128 in one warp, after the main loop's are dead), so the 33
-# splits of a batch-1 row take two rounds of loads.
-FUSED_REDUCE_BLOCK = tl.constexpr(32)
+# Splits per block of the fused reduce (`_reduce_row`, one pass: 3 rounds of loads for the 33 splits
+# of a batch-1 row, where the session-7 two-pass reduce took 6). 16, not 32: with 32 the rows
+# kernel's main loop ran 10-18 % slower on Triton 3.6 (batch 1 T32k 65.0 vs 57.5 us, batch 8 T16k
+# 218 vs 184 us, results/ab_reduce_s8.log) with the same loop instruction count and registers.
+FUSED_REDUCE_BLOCK = tl.constexpr(16)
 
 LOG2E = 1.4426950408889634
 SUPPORTED_BITS = (2, 4, 8)

@@ -197,17 +197,16 @@ def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
     GQA/MQA at batch >= 2: the tensor-core variant with unpadded query rows, one key group per step,
     1 warp and many splits (short programs, many in flight); rows lost 15-50 % there at batch
     8-32 (results/attention.csv run of session 5). Session 7 graph replays, batch 8 32/8 T16k 2-bit
-    (results/tune_graph_s7_gqa_*.csv): G32 1 warp 168 us vs 2 warps 215 (in the attention table:
-    GQA G32 1.06-1.61x SDPA, from 0.8-1.1x). G128 keeps 32 programs per SM: whole-wave splits won
-    at batch 8 T16k 2-bit (198 vs 227 us) but lost up to 25 % for 4-bit G128 and at T4k
-    (results/attention_s7_gqa_g128_waves.csv)."""
+    (results/tune_graph_s7_gqa_*.csv): G32 1 warp 168 us vs 2 warps 215. Session 8 (window loads
+    vectorized, one-pass reduce; results/tune_graph_s8_regs_*.csv): 2 stages and whole-wave splits
+    (ctas_per_sm 0; 8 programs of 255 registers per SM) beat 3 stages at 32 programs per SM in
+    every shape swept: batch 8 T16k G32 125 vs 176 us, G128 198 vs 274 us; batch 32 T16k G32 458 vs
+    593 us; batch 8 T32k 235 vs 316 us. Register caps (max_regs 128/168/200) lost or gained < 5 %."""
     if spec.rep == 1 or batch == 1:
         return replace(DEFAULT_CONFIG, use_dot=False, block_n=32, num_warps=rows_warps(spec, 32), num_stages=2,
                        ctas_per_sm=0)
-    if spec.group_size >= 64:
-        return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64, num_warps=1, num_stages=3, ctas_per_sm=32)
-    return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=min(32, spec.group_size), num_warps=1,
-                   num_stages=3, ctas_per_sm=32)
+    return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64 if spec.group_size >= 64 else min(32, spec.group_size),
+                   num_warps=1, num_stages=2, ctas_per_sm=0)
 
 
 _CHOSEN: dict = {}
@@ -270,8 +269,9 @@ def candidate_configs(spec: DecodeSpec, batch: int = 1) -> list[DecodeConfig]:
     rows = [replace(DEFAULT_CONFIG, use_dot=False, block_n=bn, num_warps=rows_warps(spec, bn), num_stages=2,
                     ctas_per_sm=ctas) for bn, ctas in ((32, 0), (32, 4), (32, 6), (32, 8), (32, 12), (32, 16), (64, 0))]
     g = min(32, spec.group_size)
-    dots = [replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=bn, num_warps=w, num_stages=3, ctas_per_sm=c)
-            for bn, w, c in ((g, 2, 32), (min(64, spec.group_size), 1, 32), (g, 4, 16))]
+    dots = [replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=bn, num_warps=w, num_stages=ns, ctas_per_sm=c)
+            for bn, w, ns, c in ((g, 1, 2, 0), (min(64, spec.group_size), 1, 2, 0), (g, 1, 3, 32), (g, 2, 3, 32),
+                                 (min(64, spec.group_size), 1, 3, 32), (g, 4, 3, 16))]
     out = [default_config_for(spec, batch)]
     for cfg in rows + dots:
         if cfg not in out:
