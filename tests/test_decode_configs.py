@@ -194,3 +194,10 @@ def test_autotune_end_to_end_then_a_new_process_reuses_the_cache(fresh_cache, mo
     assert timed == [], "the second process re-tuned"
     assert dc.get_config(spec, L, B) == pick
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
+
+
+def test_max_regs_is_validated():
+    assert dc.DecodeConfig(max_regs=168).max_regs == 168
+    for bad in (-1, 8, 256, 1000):
+        with pytest.raises(ValueError, match="max_regs"):
+            dc.DecodeConfig(max_regs=bad)
