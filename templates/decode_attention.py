@@ -914,7 +914,7 @@ def _reduce_row(OP, OM, OL, OUT, orow, NUM_SPLITS_RT,
     of output row orow (OP [rows * splits, HEAD_DIM], OM/OL [rows * splits] fp32), S_BLOCK splits
     at a time, in one pass: each block's m, l and partials are loaded together and the running
     result is rescaled when the block raises the max (one round of loads per block; a max pass
-    first would double the dependent rounds, which is what batch-1 decode waits on). Splits that
+    first doubles the dependent rounds. Measured: < 1 us of a batch-1 call, results/ab_reduce_s8.log). Splits that
     saw nothing (m = -inf) weigh 0. Loads bypass L1 (.cg): in the fused reduce other programs of
     the same launch wrote these partials."""
     sp = tl.arange(0, S_BLOCK)
