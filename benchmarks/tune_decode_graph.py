@@ -3,7 +3,7 @@ device-lengths mode, `decode_attention_store` captured in a CUDA graph (no host 
 bf16 SDPA captured the same way, at the shapes of the end-to-end benchmark. A shape is
 BxHxT (MHA) or BxHqxHkvxT (GQA).
 
-    PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384,1x32x8x32768] [--kinds all|rows|dot|fuse|ctas]
+    PYTHONPATH=. python3 benchmarks/tune_decode_graph.py [--shapes 1x32x32768,8x32x16384,1x32x8x32768] [--kinds all|rows|dot|fuse|ctas|gqa|regs]
         [--bits 2] [--group 32] [--out DIR] [--name tune_graph.csv]
 
 Writes --name (one row per shape x config: microseconds per call, median of 5 graph
