@@ -5,13 +5,14 @@ helpers once per process): the default config at given shapes, CUDA-graph timed 
 reaches Lq has no window tokens to add), in host- or device-lengths mode.
 
     PYTHONPATH=. python3 benchmarks/ab_decode.py --shapes 1x32x16384,8x32x8x16384 [--bits 2] [--group 32]
-        [--old-reduce] [--empty-window] [--host-lengths] [--tag NAME]
+        [--old-reduce] [--empty-window] [--host-lengths] [--kernel OLD_DECODE_ATTENTION.py] [--tag NAME]
 
 Prints one line per shape: tag, shape, bits, group, lengths mode, microseconds per call.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -78,6 +79,16 @@ def call_for(q, st, kv_len, empty_window: bool, host: bool):
     return lambda: da.decode_attention(q, *parts, st.window_k, st.window_v, kv_len=kv_len, lengths=lengths, **bits)
 
 
+def load_kernel_module(path: str):
+    """Another version of templates/decode_attention.py (e.g. `git show HEAD:templates/decode_attention.py
+    > old.py`) in place of the package's, for an A/B of two kernel versions in separate processes."""
+    global da
+    spec = importlib.util.spec_from_file_location("kvpass_ab_decode_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    da = mod
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x32x16384")
@@ -88,7 +99,10 @@ def main():
     ap.add_argument("--empty-window", action="store_true")
     ap.add_argument("--host-lengths", action="store_true")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--kernel", default=None, help="path of another decode_attention.py to time instead")
     args = ap.parse_args()
+    if args.kernel:
+        load_kernel_module(args.kernel)
     use_variant(args.old_reduce, args.reduce_block)
     mode = "host" if args.host_lengths else "device"
     for shape in args.shapes.split(","):

@@ -1,6 +1,7 @@
 """Offline SASS statistics of the decode kernels for sm_90, without a GPU: registers and the
 instruction mix of the two longest loops, per thread (the main loop over the quantized tokens is
-the one with LOP3/FFMA/LDG of codes; the window loop can be the longer one).
+the one with LOP3/FFMA/LDG of codes; the window loop can be the longer one), and their false waits
+on recent global loads (`sass_waits`: the cause of most "same SASS, 10-30 % slower" builds).
 
     PYTHONPATH=. python3 benchmarks/inspect_sass.py [--variant rows|dot] [--block-n 32] [--warps 2]
         [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--stages 2] [--maxnreg N] [--hb 4] [--dump FILE]
@@ -24,6 +25,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import sass_waits  # noqa: E402
 from kvpass.templates import decode_attention as da  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -32,19 +34,27 @@ _UNSPECIALIZED = set(da._DNS)
 
 def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: int, warps: int, use_asm: bool,
                    fuse_reduce: bool = True, device_lengths: bool = False, single: bool = False,
-                   num_stages: int = 2, maxnreg: int | None = None, hb: int = 4):
-    """The kernel compiled for sm_90 as the launcher would specialize it (strides % 16, bf16 model)."""
+                   num_stages: int = 2, maxnreg: int | None = None, hb: int = 4, rep: int | None = None):
+    """The kernel compiled for sm_90 as the launcher specializes it (bf16 model, strides % 16; checked
+    against the cubins of real launches on the device, session 9): REP == 1 becomes a constant,
+    a single-split launch passes `out` (bf16) for OP/OM/OL/CNT. rep: query heads per program's KV
+    head (default: 1 for rows, hb for dot)."""
     fn = da._kvpass_decode_rows if variant == "rows" else da._kvpass_decode_dot
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
+    rep = (1 if variant == "rows" else hb) if rep is None else rep
     const = dict(KEY_BITS=bits, VALUE_BITS=bits, GROUP_SIZE=group, HEAD_DIM=head_dim, D_PAD=d_pad,
                  BLOCK_N=block_n, MASK_KIND=0, SINGLE=single, LENGTHS_ON_DEVICE=device_lengths, USE_ASM=use_asm,
                  FUSE_REDUCE=fuse_reduce and not single)
+    if rep == 1:
+        const["REP"] = 1
     if not device_lengths:
         const["LENS"] = None
     if variant == "dot":
         const.update(HB=hb, EMULATE_DOT=False)
+    part = "*bf16" if single else "*fp32"
     ptr = dict(Q="*bf16", KC="*i32", KS="*fp16", KZ="*fp16", VC="*i32", VS="*fp16", VZ="*fp16", RK="*bf16",
-               RV="*bf16", MASK="*bf16", OP="*fp32", OM="*fp32", OL="*fp32", OUT="*bf16", CNT="*i32", LENS="*i32")
+               RV="*bf16", MASK="*bf16", OP=part, OM=part, OL=part, OUT="*bf16",
+               CNT="*i32" if fuse_reduce and not single else "*bf16", LENS="*i32")
     names = list(fn.arg_names)
     sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -59,6 +69,8 @@ def sass_report(kernel, loops: int = 2) -> tuple[str, str]:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+    hex_sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", "-hex", f.name], capture_output=True,
+                              text=True).stdout
     usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
     regs = re.search(r"REG:(\d+)", usage)
@@ -84,6 +96,7 @@ def sass_report(kernel, loops: int = 2) -> tuple[str, str]:
         body = [ins for a, ins in instrs if start <= a <= end]
         mix = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", b).split()[0].split(".")[0] for b in body)
         out.append(f"loop {start:#x}-{end:#x}: {len(body)} instr: " + ", ".join(f"{k} {v}" for k, v in mix.most_common(12)))
+    out += sass_waits.report(hex_sass, loops)
     return "\n".join(out), sass
 
 
@@ -101,15 +114,22 @@ def main():
     ap.add_argument("--single", action="store_true", help="the one-split specialization (SINGLE)")
     ap.add_argument("--stages", type=int, default=2, help="num_stages")
     ap.add_argument("--hb", type=int, default=4, help="(dot) query rows per program: 4 is GQA 32/8 unpadded (pad_heads=1)")
+    ap.add_argument("--rep", type=int, default=None, help="query heads per KV head (default: 1 for rows, --hb for dot)")
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (DecodeConfig.max_regs)")
     ap.add_argument("--old-reduce", action="store_true", help="the session-7 two-pass reduce (benchmarks/ab_decode.py)")
     ap.add_argument("--reduce-block", type=int, default=0, help="splits per round of the one-pass fused reduce")
     ap.add_argument("--dump", default=None, help="write the SASS here")
+    ap.add_argument("--kernel", default=None, help="path of another decode_attention.py to compile instead")
     a = ap.parse_args()
+    if a.kernel:
+        global da
+        from benchmarks import ab_decode
+        ab_decode.load_kernel_module(a.kernel)
+        da = ab_decode.da
     from benchmarks.ab_decode import use_variant
     use_variant(a.old_reduce, a.reduce_block)
     k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm, not a.separate_reduce,
-                       a.device_lengths, a.single, a.stages, a.maxnreg, a.hb)
+                       a.device_lengths, a.single, a.stages, a.maxnreg, a.hb, a.rep)
     report, sass = sass_report(k)
     print(f"{a.variant} b{a.bits} g{a.group} d{a.head_dim} BLOCK_N {a.block_n}, {a.warps} warps: {report}")
     if a.dump:

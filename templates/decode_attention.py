@@ -52,10 +52,11 @@ score 0 + mask bias, value 0).
   of the quantized region; split `res_split` also covers the window and the tail.
   Device lengths (LENGTHS_ON_DEVICE): the number of splits is planned for the capacity kv_len (the
   launch never depends on the lengths); each program reads (Lq, L) and takes split s's share of
-  [0, L) in whole steps (`_device_lengths`: chunk = ceil(L / splits) rounded up to G or BLOCK_N,
-  so the work stays balanced for any L), quantized part then window part, and its share of the
-  zero tail (`_tail_share`): in closed form without a mask (count * 2**(0 - m), `_zero_tail_*`),
-  else a loop over the mask only. Splits with nothing write m = -inf, l = 0 (the reduce skips them).
+  the quantized region [0, Lq) in whole steps (`_device_lengths`: chunk = ceil(Lq / splits)
+  rounded up to G or BLOCK_N, so the work stays balanced for any Lq), every S-th row of the window
+  from row s (`_window_rows`: no split waits on the window's load round trips alone), and its share of the zero tail (`_tail_share`): in closed form without a
+  mask (count * 2**(0 - m), `_zero_tail_*`), else a loop over the mask only. Splits with nothing
+  write m = -inf, l = 0 (the reduce skips them).
 Performance and its limits on the H100: benchmarks/NOTES.md.
 """
 from __future__ import annotations
@@ -461,15 +462,51 @@ def _lazy_softmax_heads(s, m_i, acc, l_i):
 
 
 @triton.jit
+def _window_step_rows(rk_base, rv_base, r, in_res, tok, tok_ok, q, v_high, m, acc, accz, l_r, MASK, mask_row, s_mk,
+                      HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
+    """One step of the rows variant over full-precision window rows r (tokens tok; rows with
+    in_res False read zeros, tokens with tok_ok False are not attended): keys and values are
+    loaded together (one round trip per step), values scaled by v_high into the accumulator's
+    code scale."""
+    D_PAD: tl.constexpr = q.shape[0]
+    d = tl.arange(0, D_PAD)
+    ld_mask = in_res[:, None] & (d < HEAD_DIM)[None, :]
+    k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0)
+    v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0)
+    s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+    s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
+    s = tl.where(tok_ok, s, float("-inf"))
+    p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
+    l_r += p
+    acc += p[:, None, None] * tl.reshape(v.to(tl.float32) * v_high[None, :], (s.shape[0], D_PAD // GROUP_SIZE, GROUP_SIZE))
+    return m, acc, accz, l_r
+
+
+@triton.jit
 def _device_lengths(LENS, KV_LEN, NUM_SPLITS_RT, STEP: tl.constexpr):
     """Device-lengths mode: (Lq, L) read from LENS[0], LENS[1] and clipped to the attended width,
-    and the tokens per split: [0, L) (quantized region and window) dealt out over the launch's
-    NUM_SPLITS_RT splits in whole steps (STEP = max(G, BLOCK_N)), so the work stays balanced for
-    any L while the grid depends only on the capacity KV_LEN. Splits past L get nothing there."""
+    and the quantized tokens per split: [0, Lq) dealt out over the launch's NUM_SPLITS_RT splits
+    in whole steps (STEP = max(G, BLOCK_N)), so the work stays balanced for any Lq while the grid
+    depends only on the capacity KV_LEN. Splits past Lq get nothing there. (The window [Lq, L) is
+    dealt row by row: `_window_rows`.)"""
     Lq = tl.minimum(tl.load(LENS), KV_LEN)
     L = tl.minimum(tl.load(LENS + 1), KV_LEN)
-    chunk = tl.maximum(tl.cdiv(L, NUM_SPLITS_RT * STEP), 1) * STEP
+    chunk = tl.maximum(tl.cdiv(Lq, NUM_SPLITS_RT * STEP), 1) * STEP
     return Lq, L, chunk
+
+
+@triton.jit
+def _window_rows(Lq, L, pid_s, NUM_SPLITS_RT):
+    """Device-lengths mode: split pid_s takes window rows pid_s, pid_s + S, pid_s + 2S, ... below
+    L - Lq (S = NUM_SPLITS_RT). Returns (rows in the window, their count: <= 0 when none).
+    Why strided: the window is the last ~R tokens; dealt in contiguous chunks after [0, Lq) it
+    lands in one or two splits, whose extra load round trips (one per step of window rows) then
+    set the whole launch's time: batch 1 T16k 2-bit 36.4 us with a 128-row window vs 28.9 us
+    without (session 9, benchmarks/results/fixed_cost_s9.log). Dealt over all splits, each does
+    about one step of it (36.1 -> 30.9 us). Dealing it only to the splits the chunks leave with
+    room was worse (results/ab_window_s9.log)."""
+    nw = L - Lq
+    return nw, tl.cdiv(nw - pid_s, NUM_SPLITS_RT)
 
 
 @triton.jit
@@ -593,13 +630,26 @@ def _kvpass_decode_rows(
     # Software pipelining by hand (Triton pipelines only loads that feed a dot): the words and
     # scales of step t0 + BLOCK_N are loaded while step t0 is computed. Half a: tokens t0 + rows,
     # half b: t0 + TPG2 + rows.
+    # The key zeros' term q . z is a reduction across lanes (shuffles). ptxas may give a shuffle
+    # the dependency barrier of the prefetch loads just issued; a consumer of it at the top of the
+    # loop then waits a full memory round trip every step (session 9: the single-split 2-bit build
+    # ran 19 % slower, Nsight Compute put a quarter of all stalls on that one FADD). Where the term
+    # is computed decides which builds get such a wait, by ptxas's (Triton 3.6's) allocation, not
+    # by a rule: ZERO_TERM_AHEAD computes the next step's term at the end of a step, chosen per
+    # build so that `benchmarks/check_waits.py` finds no false wait in any default device-lengths
+    # build's main loop. Re-check it after every kernel edit and Triton upgrade.
+    ZERO_TERM_AHEAD: tl.constexpr = SINGLE
     ks_n, kz_n = _rows_key_scales(start, end, KS, KZ, ks_base, gi, d, HEAD_DIM, GROUP_SIZE)
+    if ZERO_TERM_AHEAD:
+        qz_n = tl.sum(q[None, :] * kz_n.to(tl.float32), axis=1)              # [KGROUPS]
+    else:
+        qz_n = kz_n                                                          # reduced at the top of the step
     kwa_n, vwa_n, vsa_n, vza_n = _rows_token_loads(start, end, kc_base, vc_base, VS, VZ, vs_base, gi, ti, rows, wk,
                                                    wv, g_idx, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV, NWV_PAD, NG)
     kwb_n, vwb_n, vsb_n, vzb_n = _rows_token_loads(start + TPG2, end, kc_base, vc_base, VS, VZ, vs_base, gi, ti, rows,
                                                    wk, wv, g_idx, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV, NWV_PAD, NG)
     for t0 in range(start, end, BLOCK_N):
-        ks, kz, kwa, vwa, vsa, vza, kwb, vwb, vsb, vzb = ks_n, kz_n, kwa_n, vwa_n, vsa_n, vza_n, kwb_n, vwb_n, vsb_n, vzb_n
+        ks, qz, kwa, vwa, vsa, vza, kwb, vwb, vsb, vzb = ks_n, qz_n, kwa_n, vwa_n, vsa_n, vza_n, kwb_n, vwb_n, vsb_n, vzb_n
         ks_n, kz_n = _rows_key_scales(t0 + BLOCK_N, end, KS, KZ, ks_base, gi, d, HEAD_DIM, GROUP_SIZE)
         kwa_n, vwa_n, vsa_n, vza_n = _rows_token_loads(t0 + BLOCK_N, end, kc_base, vc_base, VS, VZ, vs_base, gi, ti,
                                                        rows, wk, wv, g_idx, GROUP_SIZE, TPG, NWK, NWK_PAD, NWV, NWV_PAD, NG)
@@ -608,7 +658,8 @@ def _kvpass_decode_rows(
                                                        NWV_PAD, NG)
         # ---- keys: [KGROUPS, TPG2] tokens per half, scale of each group folded into q once for both
         qs = qk[None, :] * ks.to(tl.float32)                                   # [KGROUPS, D_PAD]
-        qz = tl.sum(q[None, :] * kz.to(tl.float32), axis=1)                    # [KGROUPS]
+        if not ZERO_TERM_AHEAD:
+            qz = tl.sum(q[None, :] * qz.to(tl.float32), axis=1)              # qz held this step's zeros
         sa = tl.reshape(_dot_planes(kwa, qs, KEY_BITS, RAW) + qz[:, None], (HALF,))
         sb = tl.reshape(_dot_planes(kwb, qs, KEY_BITS, RAW) + qz[:, None], (HALF,))
         toka = t0 + rows
@@ -626,25 +677,22 @@ def _kvpass_decode_rows(
         acc += (pb[:, None] * vsb.to(tl.float32))[:, :, None] * vcode_b     # channel (a + b first would not fuse)
         accz += pa[:, None] * vza.to(tl.float32)
         accz += pb[:, None] * vzb.to(tl.float32)
+        if ZERO_TERM_AHEAD:
+            qz_n = tl.sum(q[None, :] * kz_n.to(tl.float32), axis=1)          # the next step's (see above)
+        else:
+            qz_n = kz_n
 
     if LENGTHS_ON_DEVICE:
-        # ---- this split's part of the window [Lq, L) (window row r = token - Lq; rows of the
+        # ---- this split's rows of the window [Lq, L) (window row r = token - Lq; rows of the
         # window buffer past L - Lq are never read), then its share of the zero tail [L, KV_LEN)
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
-        w_end = tl.minimum(start + chunk, L)
-        for t0 in range(tl.maximum(start, Lq), w_end, HALF):
-            tok = t0 + wrows
-            in_res = tok < w_end
-            r = tok - Lq
-            k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-            s += _mask_bias(MASK, mask_row, tok, in_res, s_mk, MASK_KIND)
-            s = tl.where(in_res, s, float("-inf"))
-            p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
-            l_r += p
-            v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-            acc += p[:, None, None] * tl.reshape(v.to(tl.float32) * v_high[None, :], (HALF, NG_PAD, GROUP_SIZE))
+        nw, n_mine = _window_rows(Lq, L, pid_s, NUM_SPLITS_RT)
+        for j0 in range(0, n_mine, HALF):
+            r = pid_s + (j0 + wrows) * NUM_SPLITS_RT
+            in_res = r < nw
+            m, acc, accz, l_r = _window_step_rows(rk_base, rv_base, r, in_res, Lq + r, in_res, q, v_high, m, acc, accz,
+                                                  l_r, MASK, mask_row, s_mk, HEAD_DIM, GROUP_SIZE, MASK_KIND)
         t_start, t_end = _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT)
         if MASK_KIND == 0:   # score 0, value 0: closed form
             m, acc, accz, l_r = _zero_tail_rows(t_end - t_start, m, acc, accz, l_r, wrows)
@@ -662,17 +710,9 @@ def _kvpass_decode_rows(
             rv_base = RV + pid_b * s_rb + pid_h * s_rh
             for t0 in range(Lq, KV_LEN, HALF):
                 tok = t0 + wrows
-                in_res = tok < L
-                tok_ok = tok < KV_LEN
-                r = tok - Lq
-                k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-                s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-                s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
-                s = tl.where(tok_ok, s, float("-inf"))
-                p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
-                l_r += p
-                v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=in_res[:, None] & d_ok[None, :], other=0.0)
-                acc += p[:, None, None] * tl.reshape(v.to(tl.float32) * v_high[None, :], (HALF, NG_PAD, GROUP_SIZE))
+                m, acc, accz, l_r = _window_step_rows(rk_base, rv_base, tok - Lq, tok < L, tok, tok < KV_LEN, q, v_high,
+                                                      m, acc, accz, l_r, MASK, mask_row, s_mk, HEAD_DIM, GROUP_SIZE,
+                                                      MASK_KIND)
 
     l_sum = tl.sum(l_r, axis=0)
     o = tl.reshape(tl.sum(acc, axis=0), (D_PAD,)) * v_low + tl.reshape(tl.broadcast_to(tl.sum(accz, axis=0)[:, None], (NG_PAD, GROUP_SIZE)), (D_PAD,))
@@ -712,11 +752,12 @@ def _window_step_heads(rk_base, rv_base, r, in_res, tok_ok, qn, m_i, acc, l_i, q
     d = tl.arange(0, D_PAD)
     ld_mask = in_res[:, None] & (d < HEAD_DIM)[None, :]
     k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0)
+    v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0)  # with k: one round trip
     s = _dot(qn, tl.trans(k), EMULATE_DOT) * qk_scale
     s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
     s = tl.where(tok_ok[None, :], s, float("-inf"))
     p, m_i, acc, l_i = _lazy_softmax_heads(s, m_i, acc, l_i)
-    v = _to_tile_order(tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0), VALUE_BITS)
+    v = _to_tile_order(v, VALUE_BITS)
     acc += _dot(p.to(qn.dtype), v, EMULATE_DOT)
     return m_i, acc, l_i
 
@@ -845,15 +886,15 @@ def _kvpass_decode_dot(
         acc += _dot(p.to(VDT), v, EMULATE_DOT)
 
     if LENGTHS_ON_DEVICE:
-        # ---- this split's part of the window [Lq, L), then its share of the zero tail [L, KV_LEN)
+        # ---- this split's rows of the window [Lq, L), then its share of the zero tail [L, KV_LEN)
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
-        w_end = tl.minimum(start + chunk, L)
-        for t0 in range(tl.maximum(start, Lq), w_end, BLOCK_N):
-            tok = t0 + nb
-            in_res = tok < w_end
-            m_i, acc, l_i = _window_step_heads(rk_base, rv_base, tok - Lq, in_res, in_res, qn_dt, m_i, acc, l_i, qk_scale,
-                                               MASK, mask_row, tok, h_ok, s_mk, HEAD_DIM, VALUE_BITS, MASK_KIND,
+        nw, n_mine = _window_rows(Lq, L, pid_s, NUM_SPLITS_RT)
+        for j0 in range(0, n_mine, BLOCK_N):
+            r = pid_s + (j0 + nb) * NUM_SPLITS_RT
+            in_res = r < nw
+            m_i, acc, l_i = _window_step_heads(rk_base, rv_base, r, in_res, in_res, qn_dt, m_i, acc, l_i, qk_scale,
+                                               MASK, mask_row, Lq + r, h_ok, s_mk, HEAD_DIM, VALUE_BITS, MASK_KIND,
                                                EMULATE_DOT)
         t_start, t_end = _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT)
         if MASK_KIND == 0:   # score 0, value 0: closed form
@@ -1109,7 +1150,8 @@ def decode_attention(
       [B, H, W, D] with W >= L - Lq (the window's token Lq + r at row r; rows past L - Lq are
       never read); the part buffers must hold tokens [0, Lq) (a static store: capacity kv_len
       rounded up to whole groups). The splits are planned for the capacity kv_len; the kernel
-      deals [0, L) and the zero tail [L, kv_len) out over them (`_device_lengths`, `_tail_share`).
+      deals [0, Lq), the window rows and the zero tail [L, kv_len) out over them
+      (`_device_lengths`, `_window_rows`, `_tail_share`).
     """
     B, Hq, Tq, D = q.shape
     assert Tq == 1, "decode kernel takes one query token"

@@ -163,6 +163,8 @@ CASES = {
     "many_splits_additive": (4, 4, 16, BF16, 1, 128, 147, 256, "additive", True),
     "empty_store_tail_only": (2, 2, 16, FP16, 1, 0, 0, 40, None, False),
     "bits8_fp32": (8, 8, 32, FP32, 2, 64, 100, 128, "additive", False),
+    # a window of 106 rows over 4 splits: each split takes every 4th row, two window steps apiece
+    "long_window_bool": (2, 2, 16, BF16, 1, 64, 170, 200, "bool", False),
 }
 
 
