@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,31 +32,17 @@ def specializations():
         yield "dot", bits, group, 64 if group >= 64 else 32, 1, 4, dev, False
 
 
-def _registers(kernel) -> str:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-    usage = subprocess.run([os.path.join(inspect_sass._BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                           text=True).stdout
-    os.unlink(f.name)
-    m = re.search(r"REG:(\d+)", usage)
-    return m.group(1) if m else "?"
-
-
 def check(spec) -> str:
     variant, bits, group, block_n, warps, rep, dev, single = spec
     k = inspect_sass.compile_decode(variant, bits, group, 128, block_n, warps, True, True, dev, single, 2, None,
                                     hb=4, rep=rep)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    hex_sass = subprocess.run([os.path.join(inspect_sass._BIN, "nvdisasm"), "-c", "-hex", f.name],
-                              capture_output=True, text=True).stdout
-    os.unlink(f.name)
+    _, hex_sass, regs = inspect_sass.disassemble(k)
     instrs, labels = sass_waits.parse_hex_sass(hex_sass)
     spans = sass_waits.loops(instrs, labels)[:2]
     waits = [len(sass_waits.false_load_waits(instrs, s)) for s in spans]
     size = sum(1 for i in instrs if spans and spans[0][0] <= i.addr <= spans[0][1])
     return (f"| {variant} | {bits} | {group} | {rep} | {'device' if dev else 'host'} | {'1' if single else 'many'} | "
-            f"{_registers(k)} | {size} | {' / '.join(map(str, waits))} |")
+            f"{regs} | {size} | {' / '.join(map(str, waits))} |")
 
 
 def main():

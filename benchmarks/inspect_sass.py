@@ -64,8 +64,8 @@ def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: 
                                                                                maxnreg=maxnreg))
 
 
-def sass_report(kernel, loops: int = 2) -> tuple[str, str]:
-    """(report, SASS text): registers, then per loop (backward branch) its instruction count and mix."""
+def disassemble(kernel) -> tuple[str, str, str]:
+    """(SASS, SASS with encodings (`nvdisasm -hex`), registers per thread) of a compiled kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
@@ -74,6 +74,12 @@ def sass_report(kernel, loops: int = 2) -> tuple[str, str]:
     usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
     regs = re.search(r"REG:(\d+)", usage)
+    return sass, hex_sass, regs.group(1) if regs else "?"
+
+
+def sass_report(kernel, loops: int = 2) -> tuple[str, str]:
+    """(report, SASS text): registers, then per loop (backward branch) its instruction count and mix."""
+    sass, hex_sass, regs = disassemble(kernel)
     instrs, labels, pending = [], {}, None
     for line in sass.splitlines():
         m = re.match(r"^\s*(\.L_x_\d+):", line)
@@ -91,7 +97,7 @@ def sass_report(kernel, loops: int = 2) -> tuple[str, str]:
         m = re.search(r"BRA.*?(\.L_x_\d+)", ins)
         if m and labels.get(m.group(1), addr + 1) < addr:
             spans.append((labels[m.group(1)], addr))
-    out = [f"registers {regs.group(1) if regs else '?'}, {len(instrs)} instructions"]
+    out = [f"registers {regs}, {len(instrs)} instructions"]
     for start, end in sorted(spans, key=lambda s: s[0] - s[1])[:loops]:
         body = [ins for a, ins in instrs if start <= a <= end]
         mix = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", b).split()[0].split(".")[0] for b in body)
