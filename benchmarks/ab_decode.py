@@ -63,9 +63,10 @@ def use_variant(old_reduce: bool, reduce_block: int = 0):
         da.FUSED_REDUCE_BLOCK = tl.constexpr(reduce_block)
 
 
-def call_for(q, st, kv_len, empty_window: bool, host: bool):
-    """One decode call over store st (the default config), with the window emptied if asked."""
-    if not empty_window:
+def call_for(q, st, kv_len, empty_window: bool, host: bool, empty_store: bool = False):
+    """One decode call over store st (the default config), with the window emptied if asked, or
+    (empty_store, device lengths) with lengths (0, 0): no token attended but the zero tail."""
+    if not (empty_window or empty_store):
         return lambda: da.decode_attention_store(q, st, kv_len=kv_len)
     kb, vb = st.keys.buffers, st.values.buffers
     parts = (kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"])
@@ -76,6 +77,8 @@ def call_for(q, st, kv_len, empty_window: bool, host: bool):
         return lambda: da.decode_attention(q, *parts, rk, rv, quantized_length=Lq, length=Lq, kv_len=kv_len, **bits)
     lengths = st.device_lengths.clone()
     lengths[1] = lengths[0]
+    if empty_store:
+        lengths[:2] = 0
     return lambda: da.decode_attention(q, *parts, st.window_k, st.window_v, kv_len=kv_len, lengths=lengths, **bits)
 
 

@@ -22,10 +22,10 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.ab_decode import call_for  # noqa: E402
 from benchmarks.timing import copies_for, graph_us  # noqa: E402
 from benchmarks.tune_decode_graph import make_store  # noqa: E402
 from kvpass.lowering import dispatch  # noqa: E402
-from kvpass.templates import decode_attention as da  # noqa: E402
 
 
 @triton.jit
@@ -55,22 +55,11 @@ def decode_us(B, Hq, H, T, bits=2, G=32) -> list[tuple[str, float]]:
     stores = [make_store(B, H, T, bits=bits, G=G) for _ in range(n)]
     q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
     kv_len = T + 64
-    kb = lambda st: (st.keys.buffers["codes"], st.keys.buffers["scale"], st.keys.buffers["zero"],  # noqa: E731
-                     st.values.buffers["codes"], st.values.buffers["scale"], st.values.buffers["zero"])
-    bits_kw = dict(key_bits=bits, value_bits=bits, group_size=G)
     shape = f"B{B} {Hq}/{H} T{T} b{bits} g{G}"
-
-    def with_lengths(st, lq_l):
-        lengths = st.device_lengths.clone()
-        if lq_l == "zero":
-            lengths[:2] = 0
-        elif lq_l == "no-window":
-            lengths[1] = lengths[0]
-        return lambda: da.decode_attention(q, *kb(st), st.window_k, st.window_v, kv_len=kv_len, lengths=lengths,
-                                           **bits_kw)
-
-    rows = [(f"decode {shape} {kind}", graph_us([with_lengths(st, kind) for st in stores]))
-            for kind in ("normal", "no-window", "zero")]
+    kinds = {"normal": dict(empty_window=False), "no-window": dict(empty_window=True),
+             "zero": dict(empty_window=False, empty_store=True)}
+    rows = [(f"decode {shape} {kind}", graph_us([call_for(q, st, kv_len, host=False, **kw) for st in stores]))
+            for kind, kw in kinds.items()]
     # the append of one token per step at a fixed position (a window rewrite: no flush), device mode
     st = stores[0]
     L = int(st.device_lengths[1])

@@ -54,9 +54,10 @@ score 0 + mask bias, value 0).
   launch never depends on the lengths); each program reads (Lq, L) and takes split s's share of
   the quantized region [0, Lq) in whole steps (`_device_lengths`: chunk = ceil(Lq / splits)
   rounded up to G or BLOCK_N, so the work stays balanced for any Lq), every S-th row of the window
-  from row s (`_window_rows`: no split waits on the window's load round trips alone), and its share of the zero tail (`_tail_share`): in closed form without a
-  mask (count * 2**(0 - m), `_zero_tail_*`), else a loop over the mask only. Splits with nothing
-  write m = -inf, l = 0 (the reduce skips them).
+  from row s (`_window_rows`: no split waits on the window's load round trips alone), and its
+  share of the zero tail (`_tail_share`): in closed form without a mask (count * 2**(0 - m),
+  `_zero_tail_*`), else a loop over the mask only. Splits with nothing write m = -inf, l = 0 (the
+  reduce skips them).
 Performance and its limits on the H100: benchmarks/NOTES.md.
 """
 from __future__ import annotations
