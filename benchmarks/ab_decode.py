@@ -63,11 +63,11 @@ def use_variant(old_reduce: bool, reduce_block: int = 0):
         da.FUSED_REDUCE_BLOCK = tl.constexpr(reduce_block)
 
 
-def call_for(q, st, kv_len, empty_window: bool, host: bool, empty_store: bool = False):
-    """One decode call over store st (the default config), with the window emptied if asked, or
-    (empty_store, device lengths) with lengths (0, 0): no token attended but the zero tail."""
+def call_for(q, st, kv_len, empty_window: bool, host: bool, empty_store: bool = False, config=None):
+    """One decode call over store st (the default config, or `config`), with the window emptied if
+    asked, or (empty_store, device lengths) with lengths (0, 0): no token attended but the zero tail."""
     if not (empty_window or empty_store):
-        return lambda: da.decode_attention_store(q, st, kv_len=kv_len)
+        return lambda: da.decode_attention_store(q, st, kv_len=kv_len, config=config)
     kb, vb = st.keys.buffers, st.values.buffers
     parts = (kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"])
     bits = dict(key_bits=st.cfg.key_bits, value_bits=st.cfg.value_bits, group_size=st.cfg.group_size)
@@ -102,6 +102,9 @@ def main():
     ap.add_argument("--empty-window", action="store_true")
     ap.add_argument("--host-lengths", action="store_true")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--mma", type=int, default=0, metavar="MIN_GROUPS",
+                    help="the Gluon tensor-core kernel (DecodeConfig.use_mma) with this min_groups_per_split; "
+                         "its max deviation from the default config is printed too")
     ap.add_argument("--kernel", default=None, help="path of another decode_attention.py to time instead")
     args = ap.parse_args()
     if args.kernel:
@@ -116,9 +119,15 @@ def main():
                   for _ in range(n)]
         q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
         kv_len = T + 64
-        us = graph_us([call_for(q, s, kv_len, args.empty_window, args.host_lengths) for s in stores])
+        cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=args.mma) if args.mma else None
+        dev = ""
+        if cfg is not None:
+            ref = da.decode_attention_store(q, stores[0], kv_len=kv_len).float()
+            got = da.decode_attention_store(q, stores[0], kv_len=kv_len, config=cfg).float()
+            dev = f" (max |mma - default| {(got - ref).abs().max().item():.2e}, max |default| {ref.abs().max().item():.2e})"
+        us = graph_us([call_for(q, s, kv_len, args.empty_window, args.host_lengths, config=cfg) for s in stores])
         print(f"AB {args.tag or 'default'} {shape} b{args.bits} g{args.group} {mode}"
-              f"{' empty-window' if args.empty_window else ''}: {us:.2f} us", flush=True)
+              f"{' empty-window' if args.empty_window else ''}: {us:.2f} us{dev}", flush=True)
         del stores
         torch.cuda.empty_cache()
 

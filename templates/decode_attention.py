@@ -1189,6 +1189,14 @@ def decode_attention(
 
         config = get_config(spec, kv_len, B, tune_with if autotune_enabled() else None)
     cfg = config
+    if cfg.use_mma:
+        from kvpass.templates import decode_mma
+        why_not = decode_mma.mma_unsupported(spec, attn_mask, lengths, q)
+        if why_not is None:
+            return decode_mma.decode_attention_mma(
+                q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, kv_len=kv_len,
+                key_bits=key_bits, group_size=group_size, sm_scale=sm_scale, config=cfg, out=out)
+        decode_mma.log_fallback(why_not)
     G = group_size
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     D_PAD = max(16, _next_pow2(D))

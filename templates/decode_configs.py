@@ -38,6 +38,8 @@ class DecodeConfig:
     fuse_reduce: bool = True   # with several splits, the last program of a row reduces them (one launch)
     max_regs: int = 0          # registers per thread the compiler may use (Triton's maxnreg; 0: no cap). A cap
                                # trades spills for more resident programs; ignored by the interpreter
+    use_mma: bool = False      # GQA, device lengths, no mask, CUDA: the Gluon tensor-core kernel
+                               # (templates/decode_mma.py; experimental, `mma_unsupported` says when not)
 
     def __post_init__(self):
         if not (self.max_regs == 0 or 24 <= self.max_regs <= 255):

@@ -1,0 +1,450 @@
+"""GQA decode attention on tensor cores with explicit register layouts (Gluon), for the CUDA-graph
+decode path (device lengths). Experimental: GPU only (Gluon has no interpreter), checked against
+the reference by tests/test_decode_mma.py on the device; `decode_attention` uses it only when
+`DecodeConfig.use_mma` is set and `mma_supported` accepts the call.
+
+Why: the Triton tensor-core variant (`_kvpass_decode_dot`) spends ~1450 thread-instructions per
+token and KV head (SASS, 2-bit G32, 4 query heads): Triton stages the unpacked codes through shared
+memory to reach the MMA operand layouts and pads the 4 query heads to 16 MMA rows. Here the codes
+are loaded straight into the MMA operand registers and the query heads are the MMA's N = 8 side:
+    S^T [BLOCK_N tok, 8 heads] = codes [tok, D] @ (q * s_k)^T [D, 8]      (mma m16n8k16, A = codes)
+    O^T [D, 8 heads]         += (codes * s_v + z_v)^T [D, tok] @ P^T [tok, 8]
+Constexprs (header of `_kvpass_decode_mma`):
+    KEY_BITS, VALUE_BITS   2 or 4 (same width for keys and values)
+    GROUP_SIZE             16, 32, 64, 128 (one key group per BLOCK_N = 32 tokens or a multiple)
+    HEAD_DIM               128
+    REP                    query heads per KV head, 2..8 (the MMA's N = 8)
+    dtype                  fp16 / bf16 models (q, window, output); scales/zeros fp16
+Register layouts (one warp, lane = 4 * g + r):
+    key codes    A [32 tok, 128 kappa]: lane owns tokens g + 8i and the 32 channels of bytes
+                 [8r, 8r + 8) (2-bit) of each row: one 8/16-byte load per token; kappa is a
+                 permutation of the channels (`_kappa_order`) applied to q and the key scales too
+    value codes  A [128 d, 32 tok] (transposed): lane owns the channels of word g (2-bit) and
+                 tokens 2r, 2r + 1 (+ 8i): pairs of tokens share one f16x2 register; the output
+                 channel order d follows (`_sigma`), undone at the store.
+Math as in decode_attention.py (log2 domain, lazy running max, exact codes from magic numbers).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import triton  # noqa: F401  (gluon needs triton imported first)
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from kvpass.templates.decode_attention import _asm_unpack
+
+log = logging.getLogger("kvpass")
+
+BLOCK_N = 32
+# Programs of the kernel resident per SM (255 registers x 32 threads: 8), for the split plan.
+MMA_RESIDENT_PER_SM = 8
+MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+OPA = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+OPB = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
+
+
+def _v_pair_asm(bits: int) -> tuple[str, str]:
+    """PTX: words a, b of two tokens (same channels) and their value scale/zero -> 2 * n fp16 values
+    code * s + z, outputs $c (token a, code c) and $(n + c) (token b) share one f16x2 register.
+    The two words are interleaved by halves first (prmt), so one lop3 extracts code c of both."""
+    n = 32 // bits
+    half = n // 2
+    mask = (1 << bits) - 1
+    wa, wb, sa, sb, za, zb = (f"${2 * n + i}" for i in range(6))
+    lines = ["{", ".reg .b32 lo, hi, t, u, one, neg, s2, z2;", "mov.b32 one, 0x3C003C00;", "mov.b32 neg, 0xE400E400;",
+             f"mov.b32 s2, {{{sa}, {sb}}};", f"mov.b32 z2, {{{za}, {zb}}};",
+             f"prmt.b32 lo, {wa}, {wb}, 0x5410;", f"prmt.b32 hi, {wa}, {wb}, 0x7632;"]
+    for c in range(n):
+        src = "lo" if c < half else "hi"
+        k = c % half
+        if k:
+            lines.append(f"shr.u32 u, {src}, {k * bits};")
+            src = "u"
+        lines.append(f"lop3.b32 t, {src}, 0x{(mask << 16) | mask:08X}, 0x64006400, 0xea;")
+        lines.append("fma.rn.f16x2 t, t, one, neg;")
+        lines.append("fma.rn.f16x2 t, t, s2, z2;")
+        lines.append(f"mov.b32 {{${c}, ${n + c}}}, t;")
+    lines.append("}")
+    return "\n".join(lines), ",".join(["=h"] * (2 * n) + ["r", "r", "h", "h", "h", "h"])
+
+
+_K2_BF16, _KC2 = (gl.constexpr(x) for x in _asm_unpack(2, "bf16", False))
+_K4_BF16, _KC4 = (gl.constexpr(x) for x in _asm_unpack(4, "bf16", False))
+_K2_F16 = gl.constexpr(_asm_unpack(2, "fp16", False)[0])
+_K4_F16 = gl.constexpr(_asm_unpack(4, "fp16", False)[0])
+_V2, _VC2 = (gl.constexpr(x) for x in _v_pair_asm(2))
+_V4, _VC4 = (gl.constexpr(x) for x in _v_pair_asm(4))
+
+
+@gluon.constexpr_function
+def _word_layout_k(nwt):
+    """K words [BLOCK_N tok, NW]: lane 4g + r holds tokens g + 8i and words [r * nwt, (r + 1) * nwt)."""
+    return gl.BlockedLayout(size_per_thread=[1, nwt], threads_per_warp=[8, 4], warps_per_cta=[1, 1], order=[1, 0])
+
+
+@gluon.constexpr_function
+def _word_layout_v(nwt):
+    """V words [NW, BLOCK_N tok]: lane 4g + r holds words [g * nwt, (g + 1) * nwt) of tokens 2r, 2r + 1 (+ 8i)."""
+    return gl.BlockedLayout(size_per_thread=[nwt, 2], threads_per_warp=[8, 4], warps_per_cta=[1, 1], order=[1, 0])
+
+
+@gluon.constexpr_function
+def _vec_layout():
+    """[4 r, 32 j] per-channel vectors (q rows, key scales): lane 4g + r holds the 32 channels
+    [32r, 32r + 32) in registers (vector loads), the same for every g."""
+    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]],
+                                      lane_bases=[[1, 0], [2, 0], [0, 0], [0, 0], [0, 0]],
+                                      warp_bases=[], block_bases=[], shape=[4, 32])
+
+
+@gluon.constexpr_function
+def _q_layout():
+    """[8 heads, 4 r, 32 j]: lane 4g + r holds head g's channels [32r, 32r + 32)."""
+    return gl.DistributedLinearLayout(reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 0, 16]],
+                                      lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+                                      warp_bases=[], block_bases=[], shape=[8, 4, 32])
+
+
+@gluon.jit
+def _tree(o, BITS: gl.constexpr, BASE: gl.constexpr, STRIDE: gl.constexpr):
+    """Join o[BASE + STRIDE * c] over the code index c (n = 32 // BITS codes) into trailing dims
+    (c_top, c_top-1, ..., c0): the highest code bit first (the pair of one packed instruction)."""
+    if BITS == 2:
+        a0 = gl.join(o[BASE + 0 * STRIDE], o[BASE + 8 * STRIDE])
+        a1 = gl.join(o[BASE + 1 * STRIDE], o[BASE + 9 * STRIDE])
+        a2 = gl.join(o[BASE + 2 * STRIDE], o[BASE + 10 * STRIDE])
+        a3 = gl.join(o[BASE + 3 * STRIDE], o[BASE + 11 * STRIDE])
+        a4 = gl.join(o[BASE + 4 * STRIDE], o[BASE + 12 * STRIDE])
+        a5 = gl.join(o[BASE + 5 * STRIDE], o[BASE + 13 * STRIDE])
+        a6 = gl.join(o[BASE + 6 * STRIDE], o[BASE + 14 * STRIDE])
+        a7 = gl.join(o[BASE + 7 * STRIDE], o[BASE + 15 * STRIDE])
+        b0 = gl.join(a0, a4)
+        b1 = gl.join(a1, a5)
+        b2 = gl.join(a2, a6)
+        b3 = gl.join(a3, a7)
+        c0 = gl.join(b0, b2)
+        c1 = gl.join(b1, b3)
+        return gl.join(c0, c1)
+    else:
+        a0 = gl.join(o[BASE + 0 * STRIDE], o[BASE + 4 * STRIDE])
+        a1 = gl.join(o[BASE + 1 * STRIDE], o[BASE + 5 * STRIDE])
+        a2 = gl.join(o[BASE + 2 * STRIDE], o[BASE + 6 * STRIDE])
+        a3 = gl.join(o[BASE + 3 * STRIDE], o[BASE + 7 * STRIDE])
+        b0 = gl.join(a0, a2)
+        b1 = gl.join(a1, a3)
+        return gl.join(b0, b1)
+
+
+@gluon.jit
+def _kappa_order(x, LEAD: gl.constexpr, BITS: gl.constexpr):
+    """x [*LEAD dims, 4 r, 32 j] (j = wl * n + c: word wl of lane group r, code c) -> [*LEAD, 128]
+    in MMA k order kappa = (wl, c_{top-1} .. c0, r, c_top): lane bits land on kappa bits 1, 2 and the
+    packed pair (c_top) on kappa bit 0, as the A/B operand layouts want them. LEAD is 0 or 1."""
+    if BITS == 2:   # j = wl * 16 + c, wl in 0..1
+        if LEAD == 0:
+            y = gl.reshape(x, [4, 2, 2, 2, 2, 2])                  # r, wl, c3, c2, c1, c0
+            y = gl.permute(y, [1, 3, 4, 5, 0, 2])
+        else:
+            y = gl.reshape(x, [x.shape[0], 4, 2, 2, 2, 2, 2])
+            y = gl.permute(y, [0, 2, 4, 5, 6, 1, 3])
+    else:           # j = wl * 8 + c, wl in 0..3
+        if LEAD == 0:
+            y = gl.reshape(x, [4, 4, 2, 2, 2])                     # r, wl, c2, c1, c0
+            y = gl.permute(y, [1, 3, 4, 0, 2])
+        else:
+            y = gl.reshape(x, [x.shape[0], 4, 4, 2, 2, 2])
+            y = gl.permute(y, [0, 2, 4, 5, 1, 3])
+    if LEAD == 0:
+        return gl.reshape(y, [128])
+    else:
+        return gl.reshape(y, [x.shape[0], 128])
+
+
+@gluon.jit
+def _key_codes(kw, BITS: gl.constexpr, BF16: gl.constexpr):
+    """Key words [32 tok, NW] -> exact codes [32 tok, 128 kappa] in the A operand layout."""
+    if BITS == 2:
+        if BF16:
+            o = gl.inline_asm_elementwise(_K2_BF16, _KC2, [kw], dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
+        else:
+            o = gl.inline_asm_elementwise(_K2_F16, _KC2, [kw], dtype=(gl.float16,) * 16, is_pure=True, pack=1)
+        t = _tree(o, 2, 0, 1)                                     # [32, NW, c3, c2, c1, c0]
+        t = gl.reshape(t, [32, 4, 2, 2, 2, 2, 2])                  # tok, r, wl, c3, c2, c1, c0
+        t = gl.permute(t, [0, 2, 4, 5, 6, 1, 3])
+    else:
+        if BF16:
+            o = gl.inline_asm_elementwise(_K4_BF16, _KC4, [kw], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            o = gl.inline_asm_elementwise(_K4_F16, _KC4, [kw], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+        t = _tree(o, 4, 0, 1)                                     # [32, NW, c2, c1, c0]
+        t = gl.reshape(t, [32, 4, 4, 2, 2, 2])                     # tok, r, wl, c2, c1, c0
+        t = gl.permute(t, [0, 2, 4, 5, 1, 3])
+    return gl.convert_layout(gl.reshape(t, [32, 128]), OPA)
+
+
+@gluon.jit
+def _value_vals(vw, vs, vz, BITS: gl.constexpr):
+    """Value words [NW, 32 tok] with their fp16 scale/zero (same shape) -> fp16 values, transposed
+    [128 d, 32 tok] in the A operand layout; d = (wl, c, g) order (`_sigma`)."""
+    NW: gl.constexpr = vw.shape[0]
+    we, wo = gl.split(gl.reshape(vw, [NW, 16, 2]))
+    se, so = gl.split(gl.reshape(vs, [NW, 16, 2]))
+    ze, zo = gl.split(gl.reshape(vz, [NW, 16, 2]))
+    if BITS == 2:
+        o = gl.inline_asm_elementwise(_V2, _VC2, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 32, is_pure=True,
+                                      pack=1)
+        u = (gl.join(o[0], o[16]), gl.join(o[1], o[17]), gl.join(o[2], o[18]), gl.join(o[3], o[19]),
+             gl.join(o[4], o[20]), gl.join(o[5], o[21]), gl.join(o[6], o[22]), gl.join(o[7], o[23]),
+             gl.join(o[8], o[24]), gl.join(o[9], o[25]), gl.join(o[10], o[26]), gl.join(o[11], o[27]),
+             gl.join(o[12], o[28]), gl.join(o[13], o[29]), gl.join(o[14], o[30]), gl.join(o[15], o[31]))
+        t = _tree(u, 2, 0, 1)                                     # [NW=8 g, 16 th, j, c3, c2, c1, c0]
+        t = gl.permute(t, [3, 4, 5, 6, 0, 1, 2])                   # c3 c2 c1 c0, g, th, j
+    else:
+        o = gl.inline_asm_elementwise(_V4, _VC4, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 16, is_pure=True,
+                                      pack=1)
+        u = (gl.join(o[0], o[8]), gl.join(o[1], o[9]), gl.join(o[2], o[10]), gl.join(o[3], o[11]),
+             gl.join(o[4], o[12]), gl.join(o[5], o[13]), gl.join(o[6], o[14]), gl.join(o[7], o[15]))
+        t = _tree(u, 4, 0, 1)                                     # [NW=16, 16 th, j, c2, c1, c0]
+        t = gl.reshape(t, [8, 2, 16, 2, 2, 2, 2])                  # g, wl, th, j, c2, c1, c0
+        t = gl.permute(t, [1, 4, 5, 6, 0, 2, 3])                   # wl, c2 c1 c0, g, th, j
+    return gl.convert_layout(gl.reshape(t, [128, 32]), OPA)
+
+
+@gluon.jit
+def _sigma(d, BITS: gl.constexpr):
+    """Memory channel of accumulator row d (d = (wl * n + c) * 8 + g; word g * nwt + wl holds it)."""
+    if BITS == 2:
+        return (d % 8) * 16 + d // 8
+    else:
+        return ((d % 8) * 2 + d // 64) * 8 + (d // 8) % 8
+
+
+@gluon.jit
+def _lazy_softmax(s, m_i, acc, l_i):
+    """s [32 tok, 8 heads] (log2 domain); running max raised only when a block exceeds it by > 8."""
+    m_blk = gl.max(s, axis=0)
+    if gl.max((m_blk > m_i + 8.0).to(gl.int32), axis=0) > 0:
+        m_new = gl.maximum(m_i, m_blk)
+        alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, MMA)), 0)
+        l_i = l_i * alpha
+        m_i = m_new
+    p = gl.exp2(s - gl.expand_dims(gl.where(m_i == float("-inf"), 0.0, m_i), 0))
+    return p, m_i, acc, l_i + gl.sum(p, axis=0)
+
+
+@gluon.jit
+def _kvpass_decode_mma(
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, OP, OM, OL, LENS,
+    s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh,
+    KV_LEN, NUM_SPLITS_RT, qk_scale,
+    BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, REP: gl.constexpr,
+):
+    """Constexprs: BITS (2, 4), GROUP_SIZE (16..128, multiple of 32 tokens per step or dividing it),
+    HEAD_DIM (128), REP (2..8). Grid (splits, Hkv, B), one warp. Writes the split's (acc, m, l) for
+    `_kvpass_decode_reduce`, as `_kvpass_decode_dot` does with device lengths and no mask."""
+    gl.static_assert(BITS == 2 or BITS == 4, "BITS must be 2 or 4")
+    gl.static_assert(HEAD_DIM == 128, "HEAD_DIM must be 128")
+    gl.static_assert(REP >= 2 and REP <= 8, "REP (query heads per KV head) must be 2..8")
+    gl.static_assert(GROUP_SIZE == 32 or GROUP_SIZE == 64 or GROUP_SIZE == 128,
+                     "GROUP_SIZE must be 32, 64 or 128 (one key group per 32-token step or several steps)")
+    DT: gl.constexpr = Q.dtype.element_ty
+    KDT: gl.constexpr = gl.bfloat16 if DT == gl.bfloat16 else gl.float16
+    CPW: gl.constexpr = 32 // BITS
+    NW: gl.constexpr = HEAD_DIM // CPW
+    NWT: gl.constexpr = NW // 4
+    NG: gl.constexpr = HEAD_DIM // GROUP_SIZE
+    STEP: gl.constexpr = GROUP_SIZE if GROUP_SIZE > 32 else 32
+    WK: gl.constexpr = _word_layout_k(NWT)
+    WV: gl.constexpr = _word_layout_v(NWT // 2 if BITS == 4 else 1)
+    VEC: gl.constexpr = _vec_layout()
+    QL: gl.constexpr = _q_layout()
+
+    pid_s = gl.program_id(0)
+    pid_h = gl.program_id(1)
+    pid_b = gl.program_id(2)
+
+    # ---- q: [8 heads, 128 kappa] -> B operand (q^T), rows >= REP are zero
+    qh = gl.arange(0, 8, gl.SliceLayout(1, gl.SliceLayout(2, QL)))
+    qr = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, QL)))
+    qj = gl.arange(0, 32, gl.SliceLayout(0, gl.SliceLayout(1, QL)))
+    qoff = (gl.expand_dims(gl.expand_dims(qh * s_qh, 1), 2) + gl.expand_dims(gl.expand_dims(qr * 32, 0), 2)
+            + gl.expand_dims(gl.expand_dims(qj, 0), 1))
+    qmask = gl.expand_dims(gl.expand_dims(qh < REP, 1), 2) & (qoff >= 0)
+    q3 = gl.load(Q + pid_b * s_qb + pid_h * REP * s_qh + qoff, mask=qmask, other=0.0)
+    qt = gl.permute(_kappa_order(q3.to(gl.float32), 1, BITS), [1, 0])        # [128 kappa, 8]
+    qt = gl.convert_layout(qt, OPB)
+    qn = qt.to(DT)                                                           # window scores
+
+    # ---- per-channel key-scale vectors [4, 32] -> [128 kappa]
+    vr = gl.arange(0, 4, gl.SliceLayout(1, VEC))
+    vj = gl.arange(0, 32, gl.SliceLayout(0, VEC))
+    voff = gl.expand_dims(vr * 32, 1) + gl.expand_dims(vj, 0)
+    KVEC: gl.constexpr = gl.SliceLayout(1, OPB)
+
+    m_i = gl.full([8], float("-inf"), gl.float32, gl.SliceLayout(0, MMA))
+    l_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
+    acc = gl.zeros([128, 8], gl.float32, MMA)
+
+    Lq = gl.minimum(gl.load(LENS), KV_LEN)
+    L = gl.minimum(gl.load(LENS + 1), KV_LEN)
+    chunk = gl.maximum(gl.cdiv(Lq, NUM_SPLITS_RT * STEP), 1) * STEP
+    start = pid_s * chunk
+    end = gl.minimum(start + chunk, Lq)
+
+    kc_base = KC + pid_b * s_kcb + pid_h * s_kch
+    ks_base = pid_b * s_ksb + pid_h * s_ksh
+    vc_base = VC + pid_b * s_vcb + pid_h * s_vch
+    vs_base = pid_b * s_vsb + pid_h * s_vsh
+    kt = gl.arange(0, 32, gl.SliceLayout(1, WK))
+    kwi = gl.arange(0, NW, gl.SliceLayout(0, WK))
+    vwi = gl.arange(0, NW, gl.SliceLayout(1, WV))
+    vt = gl.arange(0, 32, gl.SliceLayout(0, WV))
+    st = gl.arange(0, 32, gl.SliceLayout(1, MMA))
+    kp = kc_base + gl.expand_dims(start + kt, 1) * NW + gl.expand_dims(kwi, 0)
+    vp = vc_base + gl.expand_dims(start + vt, 0) * NW + gl.expand_dims(vwi, 1)
+    vsp = vs_base + gl.expand_dims(start + vt, 0) * NG + gl.expand_dims((vwi * CPW) // GROUP_SIZE, 1)
+    qs = gl.zeros([128, 8], KDT, OPB)
+    qz = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
+    for t0 in range(start, end, 32):
+        if t0 % GROUP_SIZE == 0:
+            grp = t0 // GROUP_SIZE
+            ks = gl.load(KS + ks_base + grp * HEAD_DIM + voff).to(gl.float32)
+            kz = gl.load(KZ + ks_base + grp * HEAD_DIM + voff).to(gl.float32)
+            ks = gl.convert_layout(_kappa_order(ks, 0, BITS), KVEC)
+            kz = gl.convert_layout(_kappa_order(kz, 0, BITS), KVEC)
+            qs = (qt * gl.expand_dims(ks, 1)).to(KDT)
+            qz = gl.convert_layout(gl.sum(qt * gl.expand_dims(kz, 1), axis=0), gl.SliceLayout(0, MMA))
+        tok_ok = gl.expand_dims(t0 + st < end, 1)
+        kw = gl.load(kp, mask=gl.expand_dims(t0 + kt < end, 1), other=0)
+        vw = gl.load(vp, mask=gl.expand_dims(t0 + vt < end, 0), other=0)
+        vs = gl.load(VS + vsp, mask=gl.expand_dims(t0 + vt < end, 0), other=0.0)
+        vz = gl.load(VZ + vsp, mask=gl.expand_dims(t0 + vt < end, 0), other=0.0)
+        kp += 32 * NW
+        vp += 32 * NW
+        vsp += 32 * NG
+        s = mma_v2(_key_codes(kw, BITS, KDT == gl.bfloat16), qs, gl.zeros([32, 8], gl.float32, MMA))
+        s = (s + gl.expand_dims(qz, 0)) * qk_scale
+        s = gl.where(tok_ok, s, float("-inf"))
+        p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
+        pb = gl.convert_layout(p.to(gl.float16), OPB)
+        acc = mma_v2(_value_vals(vw, vs, vz, BITS), pb, acc)
+
+    # ---- window rows pid_s, pid_s + S, ... of [Lq, L): model-dtype keys/values, natural channels
+    nwin = L - Lq
+    n_mine = gl.cdiv(nwin - pid_s, NUM_SPLITS_RT)
+    pk = _kappa_order(voff, 0, BITS)                                # memory channel of each kappa
+    rk_base = RK + pid_b * s_rb + pid_h * s_rh
+    rv_base = RV + pid_b * s_rb + pid_h * s_rh
+    wr_a = gl.arange(0, 32, gl.SliceLayout(1, OPA))
+    dv_a = gl.arange(0, 128, gl.SliceLayout(1, OPA))
+    wt_a = gl.arange(0, 32, gl.SliceLayout(0, OPA))
+    for j0 in range(0, n_mine, 32):
+        r_k = pid_s + (j0 + wr_a) * NUM_SPLITS_RT
+        kmask = gl.expand_dims(r_k < nwin, 1)
+        kpk = gl.convert_layout(pk, gl.SliceLayout(0, OPA))
+        kwin = gl.load(rk_base + gl.expand_dims(r_k, 1) * HEAD_DIM + gl.expand_dims(kpk, 0), mask=kmask, other=0.0)
+        r_v = pid_s + (j0 + wt_a) * NUM_SPLITS_RT
+        vwin = gl.load(rv_base + gl.expand_dims(r_v, 0) * HEAD_DIM + gl.expand_dims(_sigma(dv_a, BITS), 1),
+                       mask=gl.expand_dims(r_v < nwin, 0), other=0.0)
+        s = mma_v2(kwin, qn, gl.zeros([32, 8], gl.float32, MMA)) * qk_scale
+        s = gl.where(gl.expand_dims(pid_s + (j0 + st) * NUM_SPLITS_RT < nwin, 1), s, float("-inf"))
+        p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
+        acc = mma_v2(vwin, gl.convert_layout(p.to(DT), OPB), acc)
+
+    # ---- zero tail [L, KV_LEN): score 0, value 0 (closed form)
+    t_chunk = gl.cdiv(KV_LEN - L, NUM_SPLITS_RT)
+    t_start = L + pid_s * t_chunk
+    cnt = gl.minimum(t_start + t_chunk, KV_LEN) - t_start
+    if cnt > 0:
+        if gl.max((0.0 > m_i + 8.0).to(gl.int32), axis=0) > 0:
+            m_new = gl.maximum(m_i, 0.0)
+            alpha = gl.exp2(m_i - m_new)
+            acc = acc * gl.expand_dims(alpha, 0)
+            l_i = l_i * alpha
+            m_i = m_new
+        l_i = l_i + cnt.to(gl.float32) * gl.exp2(0.0 - m_i)
+
+    # ---- partials: rows (b, hq, split)
+    oh = gl.arange(0, 8, gl.SliceLayout(0, MMA))
+    od = gl.arange(0, 128, gl.SliceLayout(1, MMA))
+    row = (pid_b * gl.num_programs(1) * REP + pid_h * REP + oh) * NUM_SPLITS_RT + pid_s
+    omask = gl.expand_dims(oh < REP, 0)
+    gl.store(OP + gl.expand_dims(row, 0) * HEAD_DIM + gl.expand_dims(_sigma(od, BITS), 1), acc,
+             mask=omask & gl.expand_dims(od >= 0, 1))
+    gl.store(OM + row, m_i, mask=oh < REP)
+    gl.store(OL + row, l_i, mask=oh < REP)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+
+_LOGGED: set = set()
+
+
+def mma_unsupported(spec, attn_mask, lengths, q) -> str | None:
+    """Why this call cannot use the Gluon kernel (None: it can)."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") == "1" or q.device.type != "cuda":
+        return "needs a CUDA device (Gluon kernels have no interpreter)"
+    if lengths is None:
+        return "needs device lengths"
+    if attn_mask is not None:
+        return "takes no attention mask"
+    if spec.key_bits != spec.value_bits or spec.key_bits not in (2, 4):
+        return f"needs equal key/value bits of 2 or 4, got {spec.key_bits}/{spec.value_bits}"
+    if spec.group_size not in (32, 64, 128):
+        return f"needs group size 32, 64 or 128, got {spec.group_size}"
+    if spec.head_dim != 128:
+        return f"needs head_dim 128, got {spec.head_dim}"
+    if not 2 <= spec.rep <= 8:
+        return f"needs 2..8 query heads per KV head, got {spec.rep}"
+    if spec.dtype not in (torch.float16, torch.bfloat16):
+        return f"needs an fp16/bf16 model, got {spec.dtype}"
+    return None
+
+
+def log_fallback(why: str) -> None:
+    if why not in _LOGGED:
+        _LOGGED.add(why)
+        log.info("kvpass decode: DecodeConfig.use_mma set but the Gluon tensor-core kernel %s; "
+                 "using the Triton kernel", why)
+
+
+def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, *,
+                         kv_len, key_bits, group_size, sm_scale, config, out=None):
+    """`decode_attention` (device lengths, no mask) through `_kvpass_decode_mma` + the split reduce.
+    Buffers as `decode_attention` documents them."""
+    from kvpass.templates import decode_attention as da
+    B, Hq, _, D = q.shape
+    H = res_k.shape[1]
+    rep = Hq // H
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    step = max(group_size, BLOCK_N)
+    if k_codes.numel() and v_codes.numel():
+        kc, vc = k_codes.view(torch.int32), v_codes.view(torch.int32)
+    else:  # nothing quantized yet: never-read pointers
+        kc = vc = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=q.device)
+        k_scale = k_zero = v_scale = v_zero = torch.empty(1, 1, 1, 1, dtype=torch.float16, device=q.device)
+    if not (da._rows_contiguous(res_k) and da._rows_contiguous(res_v) and res_k.stride()[:2] == res_v.stride()[:2]):
+        res_k, res_v = res_k.contiguous(), res_v.contiguous()
+    rs = (res_k.stride(0), res_k.stride(1)) if res_k.numel() else (0, 0)
+    S = da.plan_splits(B * H, kv_len, step, False, config, q.device, MMA_RESIDENT_PER_SM)[0]
+    if out is None:
+        out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
+    op = torch.empty(B * Hq * S, D, dtype=torch.float32, device=q.device)
+    om = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
+    ol = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
+    _kvpass_decode_mma[(S, H, B)](
+        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, op, om, ol, lengths,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), k_scale.stride(0), k_scale.stride(1),
+        vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1), rs[0], rs[1],
+        kv_len, S, sm_scale * da.LOG2E,
+        BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, num_warps=1)
+    da._kvpass_decode_reduce[(B * Hq,)](op, om, ol, out, S, HEAD_DIM=D, D_PAD=D,
+                                        S_BLOCK=min(64, max(2, da._next_pow2(S))), num_warps=4)
+    return out

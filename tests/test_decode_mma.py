@@ -1,0 +1,55 @@
+"""The Gluon tensor-core GQA decode kernel (templates/decode_mma.py) vs the fp64 golden and the
+reference, with device lengths, poisoned part rows past Lq and NaN window rows past L - Lq (as
+tests/test_decode_device_lengths.py checks the Triton kernels). GPU only: Gluon has no
+interpreter, so CI on CPU skips these and the device tool runs them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels need a CUDA GPU")
+
+if torch.cuda.is_available():
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kvpass.templates import decode_attention as da
+    from test_decode_device_lengths import _assert_close_to_golden, _device_call, _exact_store
+    from test_kernels import _q
+
+BF16, FP16 = torch.bfloat16, torch.float16
+
+# (bits, G, dtype, rep, Lq, L, kv_len, min_groups_per_split)
+CASES = {
+    "b2_g32_bf16": (2, 32, BF16, 4, 640, 700, 700, 1),
+    "b2_g32_fp16_tail": (2, 32, FP16, 4, 320, 357, 800, 1),
+    "b4_g32_bf16": (4, 32, BF16, 4, 640, 701, 701, 1),
+    "b2_g128_bf16": (2, 128, BF16, 4, 1024, 1100, 1300, 1),
+    "b4_g128_fp16": (4, 128, FP16, 8, 768, 800, 800, 1),
+    "b2_g64_rep2": (2, 64, BF16, 2, 512, 513, 600, 1),
+    "lq0": (2, 32, BF16, 4, 0, 50, 90, 1),
+    "empty_window": (4, 32, BF16, 4, 256, 256, 256, 1),
+    "long_window": (2, 32, BF16, 4, 64, 250, 300, 1),
+    "few_splits": (2, 32, BF16, 4, 2048, 2100, 2100, 16),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mma_matches_golden(case):
+    bits, G, dtype, rep, Lq, L, kv_len, mgs = CASES[case]
+    B, H, D = 2, 2, 128
+    seed = sum(map(ord, case))
+    st = _exact_store(B, H, D, Lq, L, bits, bits, G, dtype, seed)
+    q = _q(B, H * rep, D, dtype, seed)
+    cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=mgs)
+    out = _device_call(q, st, kv_len, None, cfg, seed=seed)
+    _assert_close_to_golden(out, q, st, None, kv_len, da.DecodeConfig(use_dot=True, pad_heads=1))
+
+
+def test_mma_falls_back_with_a_log_line(caplog):
+    """A mask is not supported by the Gluon kernel: the Triton kernel runs, and says so once."""
+    st = _exact_store(1, 2, 128, 64, 70, 2, 2, 32, BF16, 7)
+    q = _q(1, 8, 128, BF16, 7)
+    mask = torch.ones(1, 1, 1, 80, dtype=torch.bool, device=q.device)
+    with caplog.at_level("INFO", logger="kvpass"):
+        out = _device_call(q, st, 80, mask, da.DecodeConfig(use_mma=True, use_dot=True, pad_heads=1), seed=7)
+    assert torch.isfinite(out).all()
+    assert any("takes no attention mask" in r.getMessage() for r in caplog.records)
