@@ -105,6 +105,7 @@ def main():
     ap.add_argument("--mma", type=int, default=0, metavar="MIN_GROUPS",
                     help="the Gluon tensor-core kernel (DecodeConfig.use_mma) with this min_groups_per_split; "
                          "its max deviation from the default config is printed too")
+    ap.add_argument("--max-regs", type=int, default=0, help="(with --mma) DecodeConfig.max_regs")
     ap.add_argument("--kernel", default=None, help="path of another decode_attention.py to time instead")
     args = ap.parse_args()
     if args.kernel:
@@ -119,7 +120,8 @@ def main():
                   for _ in range(n)]
         q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
         kv_len = T + 64
-        cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=args.mma) if args.mma else None
+        cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=args.mma,
+                              max_regs=args.max_regs) if args.mma else None
         dev = ""
         if cfg is not None:
             ref = da.decode_attention_store(q, stores[0], kv_len=kv_len).float()

@@ -1190,13 +1190,19 @@ def decode_attention(
         config = get_config(spec, kv_len, B, tune_with if autotune_enabled() else None)
     cfg = config
     if cfg.use_mma:
-        from kvpass.templates import decode_mma
-        why_not = decode_mma.mma_unsupported(spec, attn_mask, lengths, q)
-        if why_not is None:
-            return decode_mma.decode_attention_mma(
-                q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, kv_len=kv_len,
-                key_bits=key_bits, group_size=group_size, sm_scale=sm_scale, config=cfg, out=out)
-        decode_mma.log_fallback(why_not)
+        try:
+            from kvpass.templates import decode_mma
+        except ImportError as e:  # a Triton without Gluon
+            decode_mma = None
+            _log_once(f"kvpass decode: DecodeConfig.use_mma set but Gluon is not importable ({e}); "
+                      "using the Triton kernel")
+        if decode_mma is not None:
+            why_not = decode_mma.mma_unsupported(spec, attn_mask, lengths, q)
+            if why_not is None:
+                return decode_mma.decode_attention_mma(
+                    q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, kv_len=kv_len,
+                    key_bits=key_bits, group_size=group_size, sm_scale=sm_scale, config=cfg, out=out)
+            decode_mma.log_fallback(why_not)
     G = group_size
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     D_PAD = max(16, _next_pow2(D))
@@ -1285,6 +1291,15 @@ def decode_attention(
         _launch(_kvpass_decode_reduce, (B * Hq,), (op, om, ol, out, S),
                 dict(HEAD_DIM=D, D_PAD=D_PAD, S_BLOCK=min(64, max(2, _next_pow2(S))), num_warps=4))
     return out
+
+
+_LOGGED: set = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.info(msg)
 
 
 def _launch(fn, grid, args, kw):

@@ -205,10 +205,17 @@ def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
     every shape swept: batch 8 T16k G32 125 vs 176 us, G128 198 vs 274 us; batch 32 T16k G32 458 vs
     593 us; batch 8 T32k 235 vs 316 us. Register caps (max_regs 128/168/200) lost or gained < 5 %."""
     if spec.rep == 1 or batch == 1:
-        return replace(DEFAULT_CONFIG, use_dot=False, block_n=32, num_warps=rows_warps(spec, 32), num_stages=2,
-                       ctas_per_sm=0)
-    return replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1, block_n=64 if spec.group_size >= 64 else min(32, spec.group_size),
-                   num_warps=1, num_stages=2, ctas_per_sm=0)
+        cfg = replace(DEFAULT_CONFIG, use_dot=False, block_n=32, num_warps=rows_warps(spec, 32), num_stages=2,
+                      ctas_per_sm=0)
+    else:
+        cfg = replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1,
+                      block_n=64 if spec.group_size >= 64 else min(32, spec.group_size), num_warps=1, num_stages=2,
+                      ctas_per_sm=0)
+    # GQA/MQA with device lengths and no mask on a GPU: the Gluon tensor-core kernel (session 10,
+    # results/ab_mma_s10.log, 32/8 heads T16k 2-bit G32: batch 1 29.8 -> 20.4 us, batch 8 131 -> 71,
+    # batch 32 466 -> 245; G128 batch 8 239 -> 72-80; 4-bit batch 8 139 -> 90-95). Calls it does not
+    # take (masks, host lengths, CPU, other specs) run the rule above, with a log line.
+    return replace(cfg, use_mma=spec.rep > 1)
 
 
 _CHOSEN: dict = {}

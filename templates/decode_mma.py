@@ -40,8 +40,13 @@ from kvpass.templates.decode_attention import _asm_unpack
 log = logging.getLogger("kvpass")
 
 BLOCK_N = 32
-# Programs of the kernel resident per SM (255 registers x 32 threads: 8), for the split plan.
-MMA_RESIDENT_PER_SM = 8
+
+
+def resident_per_sm(max_regs: int) -> int:
+    """One-warp programs resident per SM for the split plan: 65536 registers / (32 x registers per
+    thread; uncapped the kernel takes ~236-255), at most 32 programs per SM."""
+    regs = max_regs or 255
+    return max(1, min(32, 65536 // (32 * (-(-regs // 8) * 8))))
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 OPA = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
 OPB = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
@@ -224,6 +229,16 @@ def _sigma(d, BITS: gl.constexpr):
 
 
 @gluon.jit
+def _sigma_order(x, BITS: gl.constexpr):
+    """x [32 rows, 128 channels] in memory order -> [128 d, 32 rows] in accumulator row order (`_sigma`)."""
+    if BITS == 2:
+        y = gl.permute(gl.reshape(x, [32, 8, 16]), [2, 1, 0])            # c, g, rows
+    else:
+        y = gl.permute(gl.reshape(x, [32, 8, 2, 8]), [2, 3, 1, 0])       # wl, c, g, rows
+    return gl.reshape(y, [128, 32])
+
+
+@gluon.jit
 def _lazy_softmax(s, m_i, acc, l_i):
     """s [32 tok, 8 heads] (log2 domain); running max raised only when a block exceeds it by > 8."""
     m_blk = gl.max(s, axis=0)
@@ -277,8 +292,7 @@ def _kvpass_decode_mma(
     qmask = gl.expand_dims(gl.expand_dims(qh < REP, 1), 2) & (qoff >= 0)
     q3 = gl.load(Q + pid_b * s_qb + pid_h * REP * s_qh + qoff, mask=qmask, other=0.0)
     qt = gl.permute(_kappa_order(q3.to(gl.float32), 1, BITS), [1, 0])        # [128 kappa, 8]
-    qt = gl.convert_layout(qt, OPB)
-    qn = qt.to(DT)                                                           # window scores
+    qn = gl.convert_layout(qt, OPB).to(DT)      # exact (q is in DT); 16 registers, not 32 in fp32
 
     # ---- per-channel key-scale vectors [4, 32] -> [128 kappa]
     vr = gl.arange(0, 4, gl.SliceLayout(1, VEC))
@@ -317,8 +331,9 @@ def _kvpass_decode_mma(
             kz = gl.load(KZ + ks_base + grp * HEAD_DIM + voff).to(gl.float32)
             ks = gl.convert_layout(_kappa_order(ks, 0, BITS), KVEC)
             kz = gl.convert_layout(_kappa_order(kz, 0, BITS), KVEC)
-            qs = (qt * gl.expand_dims(ks, 1)).to(KDT)
-            qz = gl.convert_layout(gl.sum(qt * gl.expand_dims(kz, 1), axis=0), gl.SliceLayout(0, MMA))
+            qf = qn.to(gl.float32)
+            qs = (qf * gl.expand_dims(ks, 1)).to(KDT)
+            qz = gl.convert_layout(gl.sum(qf * gl.expand_dims(kz, 1), axis=0), gl.SliceLayout(0, MMA))
         tok_ok = gl.expand_dims(t0 + st < end, 1)
         kw = gl.load(kp, mask=gl.expand_dims(t0 + kt < end, 1), other=0)
         vw = gl.load(vp, mask=gl.expand_dims(t0 + vt < end, 0), other=0)
@@ -337,24 +352,23 @@ def _kvpass_decode_mma(
     # ---- window rows pid_s, pid_s + S, ... of [Lq, L): model-dtype keys/values, natural channels
     nwin = L - Lq
     n_mine = gl.cdiv(nwin - pid_s, NUM_SPLITS_RT)
-    pk = _kappa_order(voff, 0, BITS)                                # memory channel of each kappa
     rk_base = RK + pid_b * s_rb + pid_h * s_rh
     rv_base = RV + pid_b * s_rb + pid_h * s_rh
-    wr_a = gl.arange(0, 32, gl.SliceLayout(1, OPA))
-    dv_a = gl.arange(0, 128, gl.SliceLayout(1, OPA))
-    wt_a = gl.arange(0, 32, gl.SliceLayout(0, OPA))
+    WIN: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[1, 1],
+                                         order=[1, 0])
+    wr = gl.arange(0, 32, gl.SliceLayout(1, WIN))
+    wd = gl.arange(0, 128, gl.SliceLayout(0, WIN))
     for j0 in range(0, n_mine, 32):
-        r_k = pid_s + (j0 + wr_a) * NUM_SPLITS_RT
-        kmask = gl.expand_dims(r_k < nwin, 1)
-        kpk = gl.convert_layout(pk, gl.SliceLayout(0, OPA))
-        kwin = gl.load(rk_base + gl.expand_dims(r_k, 1) * HEAD_DIM + gl.expand_dims(kpk, 0), mask=kmask, other=0.0)
-        r_v = pid_s + (j0 + wt_a) * NUM_SPLITS_RT
-        vwin = gl.load(rv_base + gl.expand_dims(r_v, 0) * HEAD_DIM + gl.expand_dims(_sigma(dv_a, BITS), 1),
-                       mask=gl.expand_dims(r_v < nwin, 0), other=0.0)
+        r = pid_s + (j0 + wr) * NUM_SPLITS_RT                       # window rows of this split
+        woff = gl.expand_dims(r, 1) * HEAD_DIM + gl.expand_dims(wd, 0)
+        wmask = gl.expand_dims(r < nwin, 1)
+        kwin = gl.load(rk_base + woff, mask=wmask, other=0.0)       # [32 rows, 128 channels], natural order
+        vwin = gl.load(rv_base + woff, mask=wmask, other=0.0)
+        kwin = gl.convert_layout(_kappa_order(gl.reshape(kwin, [32, 4, 32]), 1, BITS), OPA)
         s = mma_v2(kwin, qn, gl.zeros([32, 8], gl.float32, MMA)) * qk_scale
         s = gl.where(gl.expand_dims(pid_s + (j0 + st) * NUM_SPLITS_RT < nwin, 1), s, float("-inf"))
         p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
-        acc = mma_v2(vwin, gl.convert_layout(p.to(DT), OPB), acc)
+        acc = mma_v2(gl.convert_layout(_sigma_order(vwin, BITS), OPA), gl.convert_layout(p.to(DT), OPB), acc)
 
     # ---- zero tail [L, KV_LEN): score 0, value 0 (closed form)
     t_chunk = gl.cdiv(KV_LEN - L, NUM_SPLITS_RT)
@@ -391,6 +405,8 @@ def mma_unsupported(spec, attn_mask, lengths, q) -> str | None:
     import os
     if os.environ.get("TRITON_INTERPRET") == "1" or q.device.type != "cuda":
         return "needs a CUDA device (Gluon kernels have no interpreter)"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "needs compute capability >= 8.0 (mma.sync m16n8k16)"
     if lengths is None:
         return "needs device lengths"
     if attn_mask is not None:
@@ -433,7 +449,7 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     if not (da._rows_contiguous(res_k) and da._rows_contiguous(res_v) and res_k.stride()[:2] == res_v.stride()[:2]):
         res_k, res_v = res_k.contiguous(), res_v.contiguous()
     rs = (res_k.stride(0), res_k.stride(1)) if res_k.numel() else (0, 0)
-    S = da.plan_splits(B * H, kv_len, step, False, config, q.device, MMA_RESIDENT_PER_SM)[0]
+    S = da.plan_splits(B * H, kv_len, step, False, config, q.device, resident_per_sm(config.max_regs))[0]
     if out is None:
         out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
     op = torch.empty(B * Hq * S, D, dtype=torch.float32, device=q.device)
@@ -444,7 +460,8 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), k_scale.stride(0), k_scale.stride(1),
         vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1), rs[0], rs[1],
         kv_len, S, sm_scale * da.LOG2E,
-        BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, num_warps=1)
+        BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, num_warps=1,
+        **({"maxnreg": config.max_regs} if config.max_regs else {}))
     da._kvpass_decode_reduce[(B * Hq,)](op, om, ol, out, S, HEAD_DIM=D, D_PAD=D,
                                         S_BLOCK=min(64, max(2, da._next_pow2(S))), num_warps=4)
     return out

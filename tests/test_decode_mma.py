@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels need a CUDA GPU")
+from test_decode_device_lengths import _assert_close_to_golden, _device_call, _exact_store  # noqa: E402 (sets
+from test_kernels import _q  # noqa: E402                                 TRITON_INTERPRET on CPU)
 
-if torch.cuda.is_available():
-    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
-    from kvpass.templates import decode_attention as da
-    from test_decode_device_lengths import _assert_close_to_golden, _device_call, _exact_store
-    from test_kernels import _q
+from kvpass.templates import decode_attention as da  # noqa: E402
+
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels need a CUDA GPU")
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -32,6 +31,7 @@ CASES = {
 }
 
 
+@gpu_only
 @pytest.mark.parametrize("case", list(CASES))
 def test_mma_matches_golden(case):
     bits, G, dtype, rep, Lq, L, kv_len, mgs = CASES[case]
@@ -44,12 +44,44 @@ def test_mma_matches_golden(case):
     _assert_close_to_golden(out, q, st, None, kv_len, da.DecodeConfig(use_dot=True, pad_heads=1))
 
 
+@gpu_only
 def test_mma_falls_back_with_a_log_line(caplog):
     """A mask is not supported by the Gluon kernel: the Triton kernel runs, and says so once."""
     st = _exact_store(1, 2, 128, 64, 70, 2, 2, 32, BF16, 7)
     q = _q(1, 8, 128, BF16, 7)
     mask = torch.ones(1, 1, 1, 80, dtype=torch.bool, device=q.device)
+    from kvpass.templates import decode_mma
+    decode_mma._LOGGED.clear()  # the reason is logged once per process
     with caplog.at_level("INFO", logger="kvpass"):
         out = _device_call(q, st, 80, mask, da.DecodeConfig(use_mma=True, use_dot=True, pad_heads=1), seed=7)
     assert torch.isfinite(out).all()
     assert any("takes no attention mask" in r.getMessage() for r in caplog.records)
+
+
+@gpu_only
+@pytest.mark.parametrize("max_regs", [128, 168])
+def test_mma_with_a_register_cap(max_regs):
+    """DecodeConfig.max_regs caps the Gluon kernel's registers (spills in the window loop)."""
+    B, H, D, rep, Lq, L, kv_len = 2, 2, 128, 4, 512, 620, 700
+    st = _exact_store(B, H, D, Lq, L, 2, 2, 32, BF16, max_regs)
+    q = _q(B, H * rep, D, BF16, max_regs)
+    cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=1, max_regs=max_regs)
+    out = _device_call(q, st, kv_len, None, cfg, seed=max_regs)
+    _assert_close_to_golden(out, q, st, None, kv_len, da.DecodeConfig(use_dot=True, pad_heads=1))
+
+
+def test_default_gqa_config_falls_back_off_gpu(caplog):
+    """The GQA default asks for the Gluon kernel; where it cannot run (here: the CPU interpreter, or
+    a CPU tensor) the Triton kernel answers, correctly, and one log line says why."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the Gluon kernel runs (test_mma_matches_golden)")
+    st = _exact_store(1, 2, 64, 32, 40, 2, 2, 32, BF16, 3)
+    q = _q(1, 8, 64, BF16, 3)
+    cfg = da.default_config_for(da.DecodeSpec(2, 2, 32, 64, BF16, rep=4), batch=1)
+    assert cfg.use_mma
+    from kvpass.templates import decode_mma
+    decode_mma._LOGGED.clear()  # the reason is logged once per process
+    with caplog.at_level("INFO", logger="kvpass"):
+        out = _device_call(q, st, 48, None, cfg, seed=3)
+    _assert_close_to_golden(out, q, st, None, 48, cfg)
+    assert any("needs a CUDA device" in r.getMessage() for r in caplog.records)
