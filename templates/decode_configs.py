@@ -215,7 +215,10 @@ def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
     # results/ab_mma_s10.log, 32/8 heads T16k 2-bit G32: batch 1 29.8 -> 20.4 us, batch 8 131 -> 71,
     # batch 32 466 -> 245; G128 batch 8 239 -> 72-80; 4-bit batch 8 139 -> 90-95). Calls it does not
     # take (masks, host lengths, CPU, other specs) run the rule above, with a log line.
-    return replace(cfg, use_mma=spec.rep > 1)
+    if spec.rep == 1:
+        return cfg
+    # at least 128 tokens per split (G128 at batch 1 had a quarter of the programs a wave holds)
+    return replace(cfg, use_mma=True, min_groups_per_split=max(1, 128 // spec.group_size))
 
 
 _CHOSEN: dict = {}
