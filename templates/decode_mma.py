@@ -115,33 +115,24 @@ def _q_layout():
 
 
 @gluon.jit
-def _tree(o, BITS: gl.constexpr, BASE: gl.constexpr, STRIDE: gl.constexpr):
-    """Join o[BASE + STRIDE * c] over the code index c (n = 32 // BITS codes) into trailing dims
-    (c_top, c_top-1, ..., c0): the highest code bit first (the pair of one packed instruction)."""
+def _tree8(x):
+    """Join 8 tensors x[k] into trailing dims (k2, k1, k0), the highest bit of k first."""
+    a0 = gl.join(x[0], x[4])
+    a1 = gl.join(x[1], x[5])
+    a2 = gl.join(x[2], x[6])
+    a3 = gl.join(x[3], x[7])
+    return gl.join(gl.join(a0, a2), gl.join(a1, a3))
+
+
+@gluon.jit
+def _tree(o, BITS: gl.constexpr):
+    """Join the code tensors o[c] (n = 32 // BITS codes) into trailing dims (c_top, ..., c0): the
+    highest code bit first (c and c + n/2 are the two halves of one packed instruction)."""
     if BITS == 2:
-        a0 = gl.join(o[BASE + 0 * STRIDE], o[BASE + 8 * STRIDE])
-        a1 = gl.join(o[BASE + 1 * STRIDE], o[BASE + 9 * STRIDE])
-        a2 = gl.join(o[BASE + 2 * STRIDE], o[BASE + 10 * STRIDE])
-        a3 = gl.join(o[BASE + 3 * STRIDE], o[BASE + 11 * STRIDE])
-        a4 = gl.join(o[BASE + 4 * STRIDE], o[BASE + 12 * STRIDE])
-        a5 = gl.join(o[BASE + 5 * STRIDE], o[BASE + 13 * STRIDE])
-        a6 = gl.join(o[BASE + 6 * STRIDE], o[BASE + 14 * STRIDE])
-        a7 = gl.join(o[BASE + 7 * STRIDE], o[BASE + 15 * STRIDE])
-        b0 = gl.join(a0, a4)
-        b1 = gl.join(a1, a5)
-        b2 = gl.join(a2, a6)
-        b3 = gl.join(a3, a7)
-        c0 = gl.join(b0, b2)
-        c1 = gl.join(b1, b3)
-        return gl.join(c0, c1)
+        return _tree8((gl.join(o[0], o[8]), gl.join(o[1], o[9]), gl.join(o[2], o[10]), gl.join(o[3], o[11]),
+                       gl.join(o[4], o[12]), gl.join(o[5], o[13]), gl.join(o[6], o[14]), gl.join(o[7], o[15])))
     else:
-        a0 = gl.join(o[BASE + 0 * STRIDE], o[BASE + 4 * STRIDE])
-        a1 = gl.join(o[BASE + 1 * STRIDE], o[BASE + 5 * STRIDE])
-        a2 = gl.join(o[BASE + 2 * STRIDE], o[BASE + 6 * STRIDE])
-        a3 = gl.join(o[BASE + 3 * STRIDE], o[BASE + 7 * STRIDE])
-        b0 = gl.join(a0, a2)
-        b1 = gl.join(a1, a3)
-        return gl.join(b0, b1)
+        return _tree8(o)
 
 
 @gluon.jit
@@ -177,7 +168,7 @@ def _key_codes(kw, BITS: gl.constexpr, BF16: gl.constexpr):
             o = gl.inline_asm_elementwise(_K2_BF16, _KC2, [kw], dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
         else:
             o = gl.inline_asm_elementwise(_K2_F16, _KC2, [kw], dtype=(gl.float16,) * 16, is_pure=True, pack=1)
-        t = _tree(o, 2, 0, 1)                                     # [32, NW, c3, c2, c1, c0]
+        t = _tree(o, 2)                                     # [32, NW, c3, c2, c1, c0]
         t = gl.reshape(t, [32, 4, 2, 2, 2, 2, 2])                  # tok, r, wl, c3, c2, c1, c0
         t = gl.permute(t, [0, 2, 4, 5, 6, 1, 3])
     else:
@@ -185,7 +176,7 @@ def _key_codes(kw, BITS: gl.constexpr, BF16: gl.constexpr):
             o = gl.inline_asm_elementwise(_K4_BF16, _KC4, [kw], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
         else:
             o = gl.inline_asm_elementwise(_K4_F16, _KC4, [kw], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
-        t = _tree(o, 4, 0, 1)                                     # [32, NW, c2, c1, c0]
+        t = _tree(o, 4)                                     # [32, NW, c2, c1, c0]
         t = gl.reshape(t, [32, 4, 4, 2, 2, 2])                     # tok, r, wl, c2, c1, c0
         t = gl.permute(t, [0, 2, 4, 5, 1, 3])
     return gl.convert_layout(gl.reshape(t, [32, 128]), OPA)
@@ -206,14 +197,14 @@ def _value_vals(vw, vs, vz, BITS: gl.constexpr):
              gl.join(o[4], o[20]), gl.join(o[5], o[21]), gl.join(o[6], o[22]), gl.join(o[7], o[23]),
              gl.join(o[8], o[24]), gl.join(o[9], o[25]), gl.join(o[10], o[26]), gl.join(o[11], o[27]),
              gl.join(o[12], o[28]), gl.join(o[13], o[29]), gl.join(o[14], o[30]), gl.join(o[15], o[31]))
-        t = _tree(u, 2, 0, 1)                                     # [NW=8 g, 16 th, j, c3, c2, c1, c0]
+        t = _tree(u, 2)                                     # [NW=8 g, 16 th, j, c3, c2, c1, c0]
         t = gl.permute(t, [3, 4, 5, 6, 0, 1, 2])                   # c3 c2 c1 c0, g, th, j
     else:
         o = gl.inline_asm_elementwise(_V4, _VC4, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 16, is_pure=True,
                                       pack=1)
         u = (gl.join(o[0], o[8]), gl.join(o[1], o[9]), gl.join(o[2], o[10]), gl.join(o[3], o[11]),
              gl.join(o[4], o[12]), gl.join(o[5], o[13]), gl.join(o[6], o[14]), gl.join(o[7], o[15]))
-        t = _tree(u, 4, 0, 1)                                     # [NW=16, 16 th, j, c2, c1, c0]
+        t = _tree(u, 4)                                     # [NW=16, 16 th, j, c2, c1, c0]
         t = gl.reshape(t, [8, 2, 16, 2, 2, 2, 2])                  # g, wl, th, j, c2, c1, c0
         t = gl.permute(t, [1, 4, 5, 6, 0, 2, 3])                   # wl, c2 c1 c0, g, th, j
     return gl.convert_layout(gl.reshape(t, [128, 32]), OPA)
