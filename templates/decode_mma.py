@@ -35,7 +35,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from kvpass.templates.decode_attention import _asm_unpack
+from kvpass.templates.decode_attention import _asm_unpack, _log_once
 
 log = logging.getLogger("kvpass")
 
@@ -236,7 +236,7 @@ def _lazy_softmax(s, m_i, acc, l_i):
     if gl.max((m_blk > m_i + 8.0).to(gl.int32), axis=0) > 0:
         m_new = gl.maximum(m_i, m_blk)
         alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, MMA)), 0)
+        acc = acc * gl.expand_dims(alpha, 0)
         l_i = l_i * alpha
         m_i = m_new
     p = gl.exp2(s - gl.expand_dims(gl.where(m_i == float("-inf"), 0.0, m_i), 0))
@@ -388,9 +388,6 @@ def _kvpass_decode_mma(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
-_LOGGED: set = set()
-
-
 def mma_unsupported(spec, attn_mask, lengths, q) -> str | None:
     """Why this call cannot use the Gluon kernel (None: it can)."""
     import os
@@ -416,10 +413,8 @@ def mma_unsupported(spec, attn_mask, lengths, q) -> str | None:
 
 
 def log_fallback(why: str) -> None:
-    if why not in _LOGGED:
-        _LOGGED.add(why)
-        log.info("kvpass decode: DecodeConfig.use_mma set but the Gluon tensor-core kernel %s; "
-                 "using the Triton kernel", why)
+    _log_once(f"kvpass decode: DecodeConfig.use_mma set but the Gluon tensor-core kernel {why}; "
+              "using the Triton kernel")
 
 
 def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, *,

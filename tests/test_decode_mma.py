@@ -50,8 +50,7 @@ def test_mma_falls_back_with_a_log_line(caplog):
     st = _exact_store(1, 2, 128, 64, 70, 2, 2, 32, BF16, 7)
     q = _q(1, 8, 128, BF16, 7)
     mask = torch.ones(1, 1, 1, 80, dtype=torch.bool, device=q.device)
-    from kvpass.templates import decode_mma
-    decode_mma._LOGGED.clear()  # the reason is logged once per process
+    da._LOGGED.clear()  # a reason is logged once per process
     with caplog.at_level("INFO", logger="kvpass"):
         out = _device_call(q, st, 80, mask, da.DecodeConfig(use_mma=True, use_dot=True, pad_heads=1), seed=7)
     assert torch.isfinite(out).all()
@@ -79,8 +78,7 @@ def test_default_gqa_config_falls_back_off_gpu(caplog):
     q = _q(1, 8, 64, BF16, 3)
     cfg = da.default_config_for(da.DecodeSpec(2, 2, 32, 64, BF16, rep=4), batch=1)
     assert cfg.use_mma
-    from kvpass.templates import decode_mma
-    decode_mma._LOGGED.clear()  # the reason is logged once per process
+    da._LOGGED.clear()  # a reason is logged once per process
     with caplog.at_level("INFO", logger="kvpass"):
         out = _device_call(q, st, 48, None, cfg, seed=3)
     _assert_close_to_golden(out, q, st, None, 48, cfg)
