@@ -315,24 +315,44 @@ def _kvpass_decode_mma(
     vsp = vs_base + gl.expand_dims(start + vt, 0) * NG + gl.expand_dims((vwi * CPW) // GROUP_SIZE, 1)
     qs = gl.zeros([128, 8], KDT, OPB)
     qz = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
+    # one step ahead in registers: the next step's words and value scales, the next group's key
+    # scales/zeros in a compact layout ([4, 32], 4 per lane; spread to VEC when they are used)
+    CMP: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[1, 1],
+                                         order=[1, 0])
+    coff = (gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(1, CMP)) * 32, 1)
+            + gl.expand_dims(gl.arange(0, 32, gl.SliceLayout(0, CMP)), 0))
+    cok = coff >= 0
+    kw_n = gl.load(kp, mask=gl.expand_dims(start + kt < end, 1), other=0)
+    vw_n = gl.load(vp, mask=gl.expand_dims(start + vt < end, 0), other=0)
+    vs_n = gl.load(VS + vsp, mask=gl.expand_dims(start + vt < end, 0), other=0.0)
+    vz_n = gl.load(VZ + vsp, mask=gl.expand_dims(start + vt < end, 0), other=0.0)
+    ks_n = gl.load(KS + ks_base + (start // GROUP_SIZE) * HEAD_DIM + coff, mask=cok & (start < end), other=0.0)
+    kz_n = gl.load(KZ + ks_base + (start // GROUP_SIZE) * HEAD_DIM + coff, mask=cok & (start < end), other=0.0)
     for t0 in range(start, end, 32):
+        kw = kw_n
+        vw = vw_n
+        vs = vs_n
+        vz = vz_n
+        t1 = t0 + 32
+        kp += 32 * NW
+        vp += 32 * NW
+        vsp += 32 * NG
+        kw_n = gl.load(kp, mask=gl.expand_dims(t1 + kt < end, 1), other=0)
+        vw_n = gl.load(vp, mask=gl.expand_dims(t1 + vt < end, 0), other=0)
+        vs_n = gl.load(VS + vsp, mask=gl.expand_dims(t1 + vt < end, 0), other=0.0)
+        vz_n = gl.load(VZ + vsp, mask=gl.expand_dims(t1 + vt < end, 0), other=0.0)
         if t0 % GROUP_SIZE == 0:
-            grp = t0 // GROUP_SIZE
-            ks = gl.load(KS + ks_base + grp * HEAD_DIM + voff).to(gl.float32)
-            kz = gl.load(KZ + ks_base + grp * HEAD_DIM + voff).to(gl.float32)
+            ks = gl.convert_layout(ks_n, VEC).to(gl.float32)
+            kz = gl.convert_layout(kz_n, VEC).to(gl.float32)
+            g1 = t0 // GROUP_SIZE + 1
+            ks_n = gl.load(KS + ks_base + g1 * HEAD_DIM + coff, mask=cok & (g1 * GROUP_SIZE < end), other=0.0)
+            kz_n = gl.load(KZ + ks_base + g1 * HEAD_DIM + coff, mask=cok & (g1 * GROUP_SIZE < end), other=0.0)
             ks = gl.convert_layout(_kappa_order(ks, 0, BITS), KVEC)
             kz = gl.convert_layout(_kappa_order(kz, 0, BITS), KVEC)
             qf = qn.to(gl.float32)
             qs = (qf * gl.expand_dims(ks, 1)).to(KDT)
             qz = gl.convert_layout(gl.sum(qf * gl.expand_dims(kz, 1), axis=0), gl.SliceLayout(0, MMA))
         tok_ok = gl.expand_dims(t0 + st < end, 1)
-        kw = gl.load(kp, mask=gl.expand_dims(t0 + kt < end, 1), other=0)
-        vw = gl.load(vp, mask=gl.expand_dims(t0 + vt < end, 0), other=0)
-        vs = gl.load(VS + vsp, mask=gl.expand_dims(t0 + vt < end, 0), other=0.0)
-        vz = gl.load(VZ + vsp, mask=gl.expand_dims(t0 + vt < end, 0), other=0.0)
-        kp += 32 * NW
-        vp += 32 * NW
-        vsp += 32 * NG
         s = mma_v2(_key_codes(kw, BITS, KDT == gl.bfloat16), qs, gl.zeros([32, 8], gl.float32, MMA))
         s = (s + gl.expand_dims(qz, 0)) * qk_scale
         s = gl.where(tok_ok, s, float("-inf"))

@@ -121,6 +121,7 @@ def _assert_close_to_golden(out, q, st, mask, kv_len, config):
     err = (out.double() - gold).abs().max().item()
     fudge, atol = TOLERANCE[q.dtype]
     bound = max(fudge * ref_err + atol, 1.05 * host_err + 1e-5)
+    print(f"err {err:.3e} bound {bound:.3e} (ref {ref_err:.3e}, host mode {host_err:.3e})")  # pytest -s
     assert err <= bound, f"kernel err {err:.3e} > bound {bound:.3e} (ref err {ref_err:.3e}, host mode {host_err:.3e})"
     ulp = torch.finfo(q.dtype).eps * max(1.0, host.double().abs().max().item())
     diff = (out.double() - host.double()).abs().max().item()
