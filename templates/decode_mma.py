@@ -23,6 +23,8 @@ Register layouts (one warp, lane = 4 * g + r):
                  tokens 2r, 2r + 1 (+ 8i): pairs of tokens share one f16x2 register; the output
                  channel order d follows (`_sigma`), undone at the store.
 Math as in decode_attention.py (log2 domain, lazy running max, exact codes from magic numbers).
+Loads run one step ahead in registers (words, value scales; the next group's key scales), kept as
+32-bit registers so that ptxas does not pack 16-bit halves right at the load (which waits for it).
 """
 from __future__ import annotations
 
@@ -244,6 +246,25 @@ def _lazy_softmax(s, m_i, acc, l_i):
 
 
 @gluon.jit
+def _next_group(qn, ks_n, kz_n, KS, KZ, ks_base, coff, t0, end,
+                BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, KDT: gl.constexpr):
+    """Key group t0 // GROUP_SIZE starts: its prefetched scales/zeros ks_n, kz_n ([4, 32] compact)
+    -> qs = q * s_k [128 kappa, 8] (B operand, KDT) and qz = q . z_k [8]; the next group's are loaded."""
+    ks = gl.convert_layout(ks_n, _vec_layout()).to(gl.float32)
+    kz = gl.convert_layout(kz_n, _vec_layout()).to(gl.float32)
+    g1 = t0 // GROUP_SIZE + 1
+    ok = (coff >= 0) & (g1 * GROUP_SIZE < end)
+    ks_n = gl.load(KS + ks_base + g1 * HEAD_DIM + coff, mask=ok, other=0.0)
+    kz_n = gl.load(KZ + ks_base + g1 * HEAD_DIM + coff, mask=ok, other=0.0)
+    ks = gl.convert_layout(_kappa_order(ks, 0, BITS), gl.SliceLayout(1, OPB))
+    kz = gl.convert_layout(_kappa_order(kz, 0, BITS), gl.SliceLayout(1, OPB))
+    qf = qn.to(gl.float32)
+    qs = (qf * gl.expand_dims(ks, 1)).to(KDT)
+    qz = gl.convert_layout(gl.sum(qf * gl.expand_dims(kz, 1), axis=0), gl.SliceLayout(0, MMA))
+    return qs, qz, ks_n, kz_n
+
+
+@gluon.jit
 def _kvpass_decode_mma(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, OP, OM, OL, LENS,
     s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh,
@@ -267,7 +288,6 @@ def _kvpass_decode_mma(
     STEP: gl.constexpr = GROUP_SIZE if GROUP_SIZE > 32 else 32
     WK: gl.constexpr = _word_layout_k(NWT)
     WV: gl.constexpr = _word_layout_v(NWT // 2 if BITS == 4 else 1)
-    VEC: gl.constexpr = _vec_layout()
     QL: gl.constexpr = _q_layout()
 
     pid_s = gl.program_id(0)
@@ -284,12 +304,6 @@ def _kvpass_decode_mma(
     q3 = gl.load(Q + pid_b * s_qb + pid_h * REP * s_qh + qoff, mask=qmask, other=0.0)
     qt = gl.permute(_kappa_order(q3.to(gl.float32), 1, BITS), [1, 0])        # [128 kappa, 8]
     qn = gl.convert_layout(qt, OPB).to(DT)      # exact (q is in DT); 16 registers, not 32 in fp32
-
-    # ---- per-channel key-scale vectors [4, 32] -> [128 kappa]
-    vr = gl.arange(0, 4, gl.SliceLayout(1, VEC))
-    vj = gl.arange(0, 32, gl.SliceLayout(0, VEC))
-    voff = gl.expand_dims(vr * 32, 1) + gl.expand_dims(vj, 0)
-    KVEC: gl.constexpr = gl.SliceLayout(1, OPB)
 
     m_i = gl.full([8], float("-inf"), gl.float32, gl.SliceLayout(0, MMA))
     l_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
@@ -316,7 +330,7 @@ def _kvpass_decode_mma(
     qs = gl.zeros([128, 8], KDT, OPB)
     qz = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
     # one step ahead in registers: the next step's words and value scales, the next group's key
-    # scales/zeros in a compact layout ([4, 32], 4 per lane; spread to VEC when they are used)
+    # scales/zeros in a compact layout ([4, 32], 4 per lane; spread to `_vec_layout` when used)
     CMP: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[1, 1],
                                          order=[1, 0])
     coff = (gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(1, CMP)) * 32, 1)
@@ -324,34 +338,30 @@ def _kvpass_decode_mma(
     cok = coff >= 0
     kw_n = gl.load(kp, mask=gl.expand_dims(start + kt < end, 1), other=0)
     vw_n = gl.load(vp, mask=gl.expand_dims(start + vt < end, 0), other=0)
-    vs_n = gl.load(VS + vsp, mask=gl.expand_dims(start + vt < end, 0), other=0.0)
-    vz_n = gl.load(VZ + vsp, mask=gl.expand_dims(start + vt < end, 0), other=0.0)
+    # value scales/zeros travel as 32-bit registers (16-bit loads, zero-extended): fp16 halves would
+    # be packed in pairs right at the load, which waits for it and undoes the prefetch
+    VSI = VS.to(gl.pointer_type(gl.int16), bitcast=True)
+    VZI = VZ.to(gl.pointer_type(gl.int16), bitcast=True)
+    vs_n = gl.load(VSI + vsp, mask=gl.expand_dims(start + vt < end, 0), other=0).to(gl.int32)
+    vz_n = gl.load(VZI + vsp, mask=gl.expand_dims(start + vt < end, 0), other=0).to(gl.int32)
     ks_n = gl.load(KS + ks_base + (start // GROUP_SIZE) * HEAD_DIM + coff, mask=cok & (start < end), other=0.0)
     kz_n = gl.load(KZ + ks_base + (start // GROUP_SIZE) * HEAD_DIM + coff, mask=cok & (start < end), other=0.0)
     for t0 in range(start, end, 32):
         kw = kw_n
         vw = vw_n
-        vs = vs_n
-        vz = vz_n
+        vs = vs_n.to(gl.int16).to(gl.float16, bitcast=True)
+        vz = vz_n.to(gl.int16).to(gl.float16, bitcast=True)
         t1 = t0 + 32
         kp += 32 * NW
         vp += 32 * NW
         vsp += 32 * NG
         kw_n = gl.load(kp, mask=gl.expand_dims(t1 + kt < end, 1), other=0)
         vw_n = gl.load(vp, mask=gl.expand_dims(t1 + vt < end, 0), other=0)
-        vs_n = gl.load(VS + vsp, mask=gl.expand_dims(t1 + vt < end, 0), other=0.0)
-        vz_n = gl.load(VZ + vsp, mask=gl.expand_dims(t1 + vt < end, 0), other=0.0)
+        vs_n = gl.load(VSI + vsp, mask=gl.expand_dims(t1 + vt < end, 0), other=0).to(gl.int32)
+        vz_n = gl.load(VZI + vsp, mask=gl.expand_dims(t1 + vt < end, 0), other=0).to(gl.int32)
         if t0 % GROUP_SIZE == 0:
-            ks = gl.convert_layout(ks_n, VEC).to(gl.float32)
-            kz = gl.convert_layout(kz_n, VEC).to(gl.float32)
-            g1 = t0 // GROUP_SIZE + 1
-            ks_n = gl.load(KS + ks_base + g1 * HEAD_DIM + coff, mask=cok & (g1 * GROUP_SIZE < end), other=0.0)
-            kz_n = gl.load(KZ + ks_base + g1 * HEAD_DIM + coff, mask=cok & (g1 * GROUP_SIZE < end), other=0.0)
-            ks = gl.convert_layout(_kappa_order(ks, 0, BITS), KVEC)
-            kz = gl.convert_layout(_kappa_order(kz, 0, BITS), KVEC)
-            qf = qn.to(gl.float32)
-            qs = (qf * gl.expand_dims(ks, 1)).to(KDT)
-            qz = gl.convert_layout(gl.sum(qf * gl.expand_dims(kz, 1), axis=0), gl.SliceLayout(0, MMA))
+            qs, qz, ks_n, kz_n = _next_group(qn, ks_n, kz_n, KS, KZ, ks_base, coff, t0, end,
+                                             BITS, GROUP_SIZE, HEAD_DIM, KDT)
         tok_ok = gl.expand_dims(t0 + st < end, 1)
         s = mma_v2(_key_codes(kw, BITS, KDT == gl.bfloat16), qs, gl.zeros([32, 8], gl.float32, MMA))
         s = (s + gl.expand_dims(qz, 0)) * qk_scale
