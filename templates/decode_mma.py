@@ -23,6 +23,7 @@ Register layouts (one warp, lane = 4 * g + r):
                  tokens 2r, 2r + 1 (+ 8i): pairs of tokens share one f16x2 register; the output
                  channel order d follows (`_sigma`), undone at the store.
 Math as in decode_attention.py (log2 domain, lazy running max, exact codes from magic numbers).
+Values of bf16 models are dequantized with one fma per pair (`_v_pair_asm(fold=True)`).
 Loads run one step ahead in registers (words, value scales; the next group's key scales), kept as
 32-bit registers so that ptxas does not pack 16-bit halves right at the load (which waits for it).
 """
@@ -54,25 +55,39 @@ OPA = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
 OPB = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
 
 
-def _v_pair_asm(bits: int) -> tuple[str, str]:
+def _v_pair_asm(bits: int, fold: bool) -> tuple[str, str]:
     """PTX: words a, b of two tokens (same channels) and their value scale/zero -> 2 * n fp16 values
     code * s + z, outputs $c (token a, code c) and $(n + c) (token b) share one f16x2 register.
-    The two words are interleaved by halves first (prmt), so one lop3 extracts code c of both."""
+    The two words are interleaved by halves first (prmt), so one lop3 extracts code c of both.
+    fold=False: each code is shifted to the low mantissa bits under 1024 (lop3 gives 1024 + code),
+    one fma subtracts 1024 exactly, a second applies s and z (one rounding of v).
+    fold=True: each code is moved to the top `bits` of the mantissa under the exponent of
+    M = 2**bits (lop3 gives exactly M + code) and one fma gives (M + code) * s + z' with
+    z' = z - M * s (one fma per token pair): one fma per value less, at one more fp16 rounding,
+    of |z - M * s| (~ |z| + range): up to ~3.5 half-ulps of max |v| instead of 1 (CPU emulation)."""
     n = 32 // bits
     half = n // 2
-    mask = (1 << bits) - 1
+    top = 10 - bits if fold else 0
+    magic = (bits + 15) << 10 if fold else 0x6400
+    mask = ((1 << bits) - 1) << top
     wa, wb, sa, sb, za, zb = (f"${2 * n + i}" for i in range(6))
-    lines = ["{", ".reg .b32 lo, hi, t, u, one, neg, s2, z2;", "mov.b32 one, 0x3C003C00;", "mov.b32 neg, 0xE400E400;",
-             f"mov.b32 s2, {{{sa}, {sb}}};", f"mov.b32 z2, {{{za}, {zb}}};",
-             f"prmt.b32 lo, {wa}, {wb}, 0x5410;", f"prmt.b32 hi, {wa}, {wb}, 0x7632;"]
+    lines = ["{", ".reg .b32 lo, hi, t, u, one, neg, s2, z2;", f"mov.b32 s2, {{{sa}, {sb}}};",
+             f"mov.b32 z2, {{{za}, {zb}}};"]
+    if fold:
+        neg_m = 0x8000 | magic
+        lines += [f"mov.b32 neg, 0x{neg_m | (neg_m << 16):08X};", "fma.rn.f16x2 z2, s2, neg, z2;"]
+    else:
+        lines += ["mov.b32 one, 0x3C003C00;", "mov.b32 neg, 0xE400E400;"]
+    lines += [f"prmt.b32 lo, {wa}, {wb}, 0x5410;", f"prmt.b32 hi, {wa}, {wb}, 0x7632;"]
     for c in range(n):
         src = "lo" if c < half else "hi"
-        k = c % half
-        if k:
-            lines.append(f"shr.u32 u, {src}, {k * bits};")
+        sh = (c % half) * bits - top
+        if sh:
+            lines.append(f"{'shr' if sh > 0 else 'shl'}.b32 u, {src}, {abs(sh)};")
             src = "u"
-        lines.append(f"lop3.b32 t, {src}, 0x{(mask << 16) | mask:08X}, 0x64006400, 0xea;")
-        lines.append("fma.rn.f16x2 t, t, one, neg;")
+        lines.append(f"lop3.b32 t, {src}, 0x{mask | (mask << 16):08X}, 0x{magic | (magic << 16):08X}, 0xea;")
+        if not fold:
+            lines.append("fma.rn.f16x2 t, t, one, neg;")
         lines.append("fma.rn.f16x2 t, t, s2, z2;")
         lines.append(f"mov.b32 {{${c}, ${n + c}}}, t;")
     lines.append("}")
@@ -83,8 +98,10 @@ _K2_BF16, _KC2 = (gl.constexpr(x) for x in _asm_unpack(2, "bf16", False))
 _K4_BF16, _KC4 = (gl.constexpr(x) for x in _asm_unpack(4, "bf16", False))
 _K2_F16 = gl.constexpr(_asm_unpack(2, "fp16", False)[0])
 _K4_F16 = gl.constexpr(_asm_unpack(4, "fp16", False)[0])
-_V2, _VC2 = (gl.constexpr(x) for x in _v_pair_asm(2))
-_V4, _VC4 = (gl.constexpr(x) for x in _v_pair_asm(4))
+_V2, _VC2 = (gl.constexpr(x) for x in _v_pair_asm(2, False))
+_V4, _VC4 = (gl.constexpr(x) for x in _v_pair_asm(4, False))
+_V2_FOLD = gl.constexpr(_v_pair_asm(2, True)[0])
+_V4_FOLD = gl.constexpr(_v_pair_asm(4, True)[0])
 
 
 @gluon.constexpr_function
@@ -185,16 +202,21 @@ def _key_codes(kw, BITS: gl.constexpr, BF16: gl.constexpr):
 
 
 @gluon.jit
-def _value_vals(vw, vs, vz, BITS: gl.constexpr):
+def _value_vals(vw, vs, vz, BITS: gl.constexpr, FOLD: gl.constexpr):
     """Value words [NW, 32 tok] with their fp16 scale/zero (same shape) -> fp16 values, transposed
-    [128 d, 32 tok] in the A operand layout; d = (wl, c, g) order (`_sigma`)."""
+    [128 d, 32 tok] in the A operand layout; d = (wl, c, g) order (`_sigma`). FOLD: `_v_pair_asm`'s
+    one-fma form (bf16 models: its extra rounding stays below the reference's bf16 rounding of V)."""
     NW: gl.constexpr = vw.shape[0]
     we, wo = gl.split(gl.reshape(vw, [NW, 16, 2]))
     se, so = gl.split(gl.reshape(vs, [NW, 16, 2]))
     ze, zo = gl.split(gl.reshape(vz, [NW, 16, 2]))
     if BITS == 2:
-        o = gl.inline_asm_elementwise(_V2, _VC2, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 32, is_pure=True,
-                                      pack=1)
+        if FOLD:
+            o = gl.inline_asm_elementwise(_V2_FOLD, _VC2, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 32,
+                                          is_pure=True, pack=1)
+        else:
+            o = gl.inline_asm_elementwise(_V2, _VC2, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 32,
+                                          is_pure=True, pack=1)
         u = (gl.join(o[0], o[16]), gl.join(o[1], o[17]), gl.join(o[2], o[18]), gl.join(o[3], o[19]),
              gl.join(o[4], o[20]), gl.join(o[5], o[21]), gl.join(o[6], o[22]), gl.join(o[7], o[23]),
              gl.join(o[8], o[24]), gl.join(o[9], o[25]), gl.join(o[10], o[26]), gl.join(o[11], o[27]),
@@ -202,8 +224,12 @@ def _value_vals(vw, vs, vz, BITS: gl.constexpr):
         t = _tree(u, 2)                                     # [NW=8 g, 16 th, j, c3, c2, c1, c0]
         t = gl.permute(t, [3, 4, 5, 6, 0, 1, 2])                   # c3 c2 c1 c0, g, th, j
     else:
-        o = gl.inline_asm_elementwise(_V4, _VC4, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 16, is_pure=True,
-                                      pack=1)
+        if FOLD:
+            o = gl.inline_asm_elementwise(_V4_FOLD, _VC4, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 16,
+                                          is_pure=True, pack=1)
+        else:
+            o = gl.inline_asm_elementwise(_V4, _VC4, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 16,
+                                          is_pure=True, pack=1)
         u = (gl.join(o[0], o[8]), gl.join(o[1], o[9]), gl.join(o[2], o[10]), gl.join(o[3], o[11]),
              gl.join(o[4], o[12]), gl.join(o[5], o[13]), gl.join(o[6], o[14]), gl.join(o[7], o[15]))
         t = _tree(u, 4)                                     # [NW=16, 16 th, j, c2, c1, c0]
@@ -368,7 +394,7 @@ def _kvpass_decode_mma(
         s = gl.where(tok_ok, s, float("-inf"))
         p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
         pb = gl.convert_layout(p.to(gl.float16), OPB)
-        acc = mma_v2(_value_vals(vw, vs, vz, BITS), pb, acc)
+        acc = mma_v2(_value_vals(vw, vs, vz, BITS, KDT == gl.bfloat16), pb, acc)
 
     # ---- window rows pid_s, pid_s + S, ... of [Lq, L): model-dtype keys/values, natural channels
     nwin = L - Lq
