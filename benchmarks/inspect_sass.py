@@ -3,8 +3,12 @@ instruction mix of the two longest loops, per thread (the main loop over the qua
 the one with LOP3/FFMA/LDG of codes; the window loop can be the longer one), and their false waits
 on recent global loads (`sass_waits`: the cause of most "same SASS, 10-30 % slower" builds).
 
-    PYTHONPATH=. python3 benchmarks/inspect_sass.py [--variant rows|dot] [--block-n 32] [--warps 2]
+    PYTHONPATH=. python3 benchmarks/inspect_sass.py [--variant rows|dot|mma] [--block-n 32] [--warps 2]
         [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--stages 2] [--maxnreg N] [--hb 4] [--dump FILE]
+
+`--variant mma` is the Gluon GQA kernel (templates/decode_mma.py; --rep, --dtype). Per loop the
+report also says how soon its global loads are first read within the same iteration (a prefetch
+read a few instructions after its load waits for memory right there).
 
 Uses the local Triton's bundled ptxas/nvdisasm/cuobjdump (Triton 3.9 here; the device runs 3.6, so
 counts can differ a little). benchmarks/NOTES.md (session 4) shows what these counts predicted.
@@ -64,6 +68,49 @@ def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: 
                                                                                maxnreg=maxnreg))
 
 
+def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnreg: int | None = None):
+    """The Gluon kernel `_kvpass_decode_mma` compiled for sm_90 as `decode_attention_mma` launches it
+    (one warp, pointers and strides % 16 except the runtime lengths and qk_scale)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from kvpass.templates import decode_mma
+    fn = decode_mma._kvpass_decode_mma
+    names = list(fn.arg_names)
+    const = dict(BITS=bits, GROUP_SIZE=group, HEAD_DIM=128, REP=rep)
+    ptr = dict(Q=f"*{dtype}", KC="*i32", KS="*fp16", KZ="*fp16", VC="*i32", VS="*fp16", VZ="*fp16", RK=f"*{dtype}",
+               RV=f"*{dtype}", OP="*fp32", OM="*fp32", OL="*fp32", LENS="*i32")
+    sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in const and n not in ("KV_LEN", "NUM_SPLITS_RT", "qk_scale")}
+    src = GluonASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
+    opts = dict(num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def load_use(body: list[str]) -> tuple[int, int | None]:
+    """Of a loop body's instructions: (global loads whose destination is read later in the same
+    iteration, the smallest such distance in instructions)."""
+    def regs(ins):
+        op, _, rest = re.sub(r"^@!?U?P\w+\s+", "", ins).partition(" ")
+        fields = [re.findall(r"\bR\d+\b", f) for f in rest.split(",")]
+        if op.startswith(("ST", "RED", "ATOM", "BAR", "BRA")):
+            return op, [], sum(fields, [])
+        return op, (fields[0] if fields else []), sum(fields[1:], [])
+    count, nearest = 0, None
+    for i, ins in enumerate(body):
+        op, dst, _ = regs(ins)
+        if not op.startswith("LDG") or not dst:
+            continue
+        base = int(dst[0][1:])
+        width = 4 if ".128" in op else 2 if ".64" in op else 1
+        mine = {f"R{base + k}" for k in range(width)}
+        for j in range(i + 1, len(body)):
+            if mine & set(regs(body[j])[2]):
+                count += 1
+                nearest = j - i if nearest is None else min(nearest, j - i)
+                break
+    return count, nearest
+
+
 def disassemble(kernel) -> tuple[str, str, str]:
     """(SASS, SASS with encodings (`nvdisasm -hex`), registers per thread) of a compiled kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -102,13 +149,17 @@ def sass_report(kernel, loops: int = 2) -> tuple[str, str]:
         body = [ins for a, ins in instrs if start <= a <= end]
         mix = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", b).split()[0].split(".")[0] for b in body)
         out.append(f"loop {start:#x}-{end:#x}: {len(body)} instr: " + ", ".join(f"{k} {v}" for k, v in mix.most_common(12)))
+        n_read, nearest = load_use(body)
+        out.append(f"  {n_read} global loads read in the same iteration" + (f", the soonest {nearest} instructions after it"
+                                                                             if nearest is not None else ""))
     out += sass_waits.report(hex_sass, loops)
     return "\n".join(out), sass
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", default="rows", choices=("rows", "dot"))
+    ap.add_argument("--variant", default="rows", choices=("rows", "dot", "mma"))
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="(mma) the model dtype")
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -134,10 +185,15 @@ def main():
         da = ab_decode.da
     from benchmarks.ab_decode import use_variant
     use_variant(a.old_reduce, a.reduce_block)
-    k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm, not a.separate_reduce,
-                       a.device_lengths, a.single, a.stages, a.maxnreg, a.hb, a.rep)
-    report, sass = sass_report(k)
-    print(f"{a.variant} b{a.bits} g{a.group} d{a.head_dim} BLOCK_N {a.block_n}, {a.warps} warps: {report}")
+    if a.variant == "mma":
+        k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg)
+        report, sass = sass_report(k)
+        print(f"mma b{a.bits} g{a.group} rep {a.rep or 4} {a.dtype}: {report}")
+    else:
+        k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm,
+                           not a.separate_reduce, a.device_lengths, a.single, a.stages, a.maxnreg, a.hb, a.rep)
+        report, sass = sass_report(k)
+        print(f"{a.variant} b{a.bits} g{a.group} d{a.head_dim} BLOCK_N {a.block_n}, {a.warps} warps: {report}")
     if a.dump:
         with open(a.dump, "w") as f:
             f.write(sass)
