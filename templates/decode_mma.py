@@ -98,10 +98,23 @@ _K2_BF16, _KC2 = (gl.constexpr(x) for x in _asm_unpack(2, "bf16", False))
 _K4_BF16, _KC4 = (gl.constexpr(x) for x in _asm_unpack(4, "bf16", False))
 _K2_F16 = gl.constexpr(_asm_unpack(2, "fp16", False)[0])
 _K4_F16 = gl.constexpr(_asm_unpack(4, "fp16", False)[0])
-_V2, _VC2 = (gl.constexpr(x) for x in _v_pair_asm(2, False))
-_V4, _VC4 = (gl.constexpr(x) for x in _v_pair_asm(4, False))
-_V2_FOLD = gl.constexpr(_v_pair_asm(2, True)[0])
-_V4_FOLD = gl.constexpr(_v_pair_asm(4, True)[0])
+_V_ASM = {(bits, fold): _v_pair_asm(bits, fold) for bits in (2, 4) for fold in (False, True)}
+
+
+@gluon.constexpr_function
+def _v_asm(bits, fold):
+    return _V_ASM[(bits, fold)][0]
+
+
+@gluon.constexpr_function
+def _v_constraints(bits):
+    return _V_ASM[(bits, False)][1]
+
+
+@gluon.constexpr_function
+def _v_dtypes(bits):
+    """One fp16 output per value of two tokens' words: 2 * 32 // bits."""
+    return (gl.float16,) * (64 // bits)
 
 
 @gluon.constexpr_function
@@ -210,13 +223,9 @@ def _value_vals(vw, vs, vz, BITS: gl.constexpr, FOLD: gl.constexpr):
     we, wo = gl.split(gl.reshape(vw, [NW, 16, 2]))
     se, so = gl.split(gl.reshape(vs, [NW, 16, 2]))
     ze, zo = gl.split(gl.reshape(vz, [NW, 16, 2]))
+    o = gl.inline_asm_elementwise(_v_asm(BITS, FOLD), _v_constraints(BITS), [we, wo, se, so, ze, zo],
+                                  dtype=_v_dtypes(BITS), is_pure=True, pack=1)
     if BITS == 2:
-        if FOLD:
-            o = gl.inline_asm_elementwise(_V2_FOLD, _VC2, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 32,
-                                          is_pure=True, pack=1)
-        else:
-            o = gl.inline_asm_elementwise(_V2, _VC2, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 32,
-                                          is_pure=True, pack=1)
         u = (gl.join(o[0], o[16]), gl.join(o[1], o[17]), gl.join(o[2], o[18]), gl.join(o[3], o[19]),
              gl.join(o[4], o[20]), gl.join(o[5], o[21]), gl.join(o[6], o[22]), gl.join(o[7], o[23]),
              gl.join(o[8], o[24]), gl.join(o[9], o[25]), gl.join(o[10], o[26]), gl.join(o[11], o[27]),
@@ -224,12 +233,6 @@ def _value_vals(vw, vs, vz, BITS: gl.constexpr, FOLD: gl.constexpr):
         t = _tree(u, 2)                                     # [NW=8 g, 16 th, j, c3, c2, c1, c0]
         t = gl.permute(t, [3, 4, 5, 6, 0, 1, 2])                   # c3 c2 c1 c0, g, th, j
     else:
-        if FOLD:
-            o = gl.inline_asm_elementwise(_V4_FOLD, _VC4, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 16,
-                                          is_pure=True, pack=1)
-        else:
-            o = gl.inline_asm_elementwise(_V4, _VC4, [we, wo, se, so, ze, zo], dtype=(gl.float16,) * 16,
-                                          is_pure=True, pack=1)
         u = (gl.join(o[0], o[8]), gl.join(o[1], o[9]), gl.join(o[2], o[10]), gl.join(o[3], o[11]),
              gl.join(o[4], o[12]), gl.join(o[5], o[13]), gl.join(o[6], o[14]), gl.join(o[7], o[15]))
         t = _tree(u, 4)                                     # [NW=16, 16 th, j, c2, c1, c0]
