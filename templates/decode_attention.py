@@ -1118,6 +1118,27 @@ def _rows_contiguous(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.stride(-2) == t.shape[-1])
 
 
+def kernel_buffers(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, quantized: bool,
+                   empty_scale: torch.Tensor):
+    """The store's buffers as the decode kernels take them: codes as int32 words, and when nothing is
+    quantized yet (`quantized` False: Lq = 0, parts possibly unallocated) never-read placeholders
+    (`empty_scale` for the scales/zeros: its dtype and strides pick the kernel specialization); window
+    rows made contiguous with K and V sharing their batch/head strides (the store's window views need
+    no copy). Returns (kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, (window batch stride,
+    window head stride))."""
+    if quantized:
+        for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero):
+            assert _rows_contiguous(t), "kvpass decode kernel: store buffers must have contiguous rows"
+        kc, vc = k_codes.view(torch.int32), v_codes.view(torch.int32)
+    else:
+        kc = vc = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=q.device)
+        k_scale = k_zero = v_scale = v_zero = empty_scale
+    if not (_rows_contiguous(res_k) and _rows_contiguous(res_v) and res_k.stride()[:2] == res_v.stride()[:2]):
+        res_k, res_v = res_k.contiguous(), res_v.contiguous()
+    rs = (res_k.stride(0), res_k.stride(1)) if res_k.numel() else (0, 0)
+    return kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, rs
+
+
 def decode_attention(
     q: torch.Tensor,
     k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
@@ -1222,17 +1243,10 @@ def decode_attention(
             mask_kind, mask = 2, m4
         s_m = (mask.stride(0), mask.stride(1), mask.stride(3))
 
-    parts = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
-    if Lq > 0 or (lengths is not None and all(t.numel() for t in parts)):
-        for t in parts:
-            assert _rows_contiguous(t), "kvpass decode kernel: store buffers must have contiguous rows"
-        kc, vc = k_codes.view(torch.int32), v_codes.view(torch.int32)
-    else:  # nothing quantized yet (device lengths: no part allocated, so Lq = 0): never-read pointers
-        kc = vc = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=q.device)
-        k_scale = k_zero = v_scale = v_zero = res_k
-    if not (_rows_contiguous(res_k) and _rows_contiguous(res_v) and res_k.stride()[:2] == res_v.stride()[:2]):
-        res_k, res_v = res_k.contiguous(), res_v.contiguous()  # the store's window views need no copy
-    rs = (res_k.stride(0), res_k.stride(1)) if res_k.numel() else (0, 0)
+    quantized = Lq > 0 or (lengths is not None and all(t.numel() for t in (k_codes, k_scale, k_zero, v_codes,
+                                                                           v_scale, v_zero)))
+    kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, rs = kernel_buffers(
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, quantized, res_k)
     assert q.stride(3) == 1
     units = B * H if use_dot else B * Hq
     step = max(G, block_n)

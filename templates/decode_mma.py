@@ -486,14 +486,10 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     rep = Hq // H
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     step = max(group_size, BLOCK_N)
-    if k_codes.numel() and v_codes.numel():
-        kc, vc = k_codes.view(torch.int32), v_codes.view(torch.int32)
-    else:  # nothing quantized yet: never-read pointers
-        kc = vc = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=q.device)
-        k_scale = k_zero = v_scale = v_zero = torch.empty(1, 1, 1, 1, dtype=torch.float16, device=q.device)
-    if not (da._rows_contiguous(res_k) and da._rows_contiguous(res_v) and res_k.stride()[:2] == res_v.stride()[:2]):
-        res_k, res_v = res_k.contiguous(), res_v.contiguous()
-    rs = (res_k.stride(0), res_k.stride(1)) if res_k.numel() else (0, 0)
+    quantized = all(t.numel() for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero))
+    kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, rs = da.kernel_buffers(
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, quantized,
+        torch.empty(1, 1, 1, 1, dtype=torch.float16, device=q.device))
     S = da.plan_splits(B * H, kv_len, step, False, config, q.device, resident_per_sm(config.max_regs))[0]
     if out is None:
         out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
