@@ -275,6 +275,25 @@ def _lazy_softmax(s, m_i, acc, l_i):
 
 
 @gluon.jit
+def _step_loads(kp, vp, VSI, VZI, vsp, t, kt, vt, end):
+    """The 32-token step at t: key words [32 tok, NW], value words [NW, 32 tok] and the value
+    scales/zeros as zero-extended int32 (fp16 halves would be packed in pairs right at the load,
+    which waits for it and undoes the prefetch); tokens at or past `end` read nothing."""
+    kmask = gl.expand_dims(t + kt < end, 1)
+    vmask = gl.expand_dims(t + vt < end, 0)
+    return (gl.load(kp, mask=kmask, other=0), gl.load(vp, mask=vmask, other=0),
+            gl.load(VSI + vsp, mask=vmask, other=0).to(gl.int32), gl.load(VZI + vsp, mask=vmask, other=0).to(gl.int32))
+
+
+@gluon.jit
+def _group_loads(KS, KZ, ks_base, g, coff, in_range, HEAD_DIM: gl.constexpr):
+    """Key scales/zeros of group g ([4, 32] in `coff`'s compact layout), read only if `in_range`."""
+    ok = (coff >= 0) & in_range
+    return (gl.load(KS + ks_base + g * HEAD_DIM + coff, mask=ok, other=0.0),
+            gl.load(KZ + ks_base + g * HEAD_DIM + coff, mask=ok, other=0.0))
+
+
+@gluon.jit
 def _next_group(qn, ks_n, kz_n, KS, KZ, ks_base, coff, t0, end,
                 BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, KDT: gl.constexpr):
     """Key group t0 // GROUP_SIZE starts: its prefetched scales/zeros ks_n, kz_n ([4, 32] compact)
@@ -282,9 +301,7 @@ def _next_group(qn, ks_n, kz_n, KS, KZ, ks_base, coff, t0, end,
     ks = gl.convert_layout(ks_n, _vec_layout()).to(gl.float32)
     kz = gl.convert_layout(kz_n, _vec_layout()).to(gl.float32)
     g1 = t0 // GROUP_SIZE + 1
-    ok = (coff >= 0) & (g1 * GROUP_SIZE < end)
-    ks_n = gl.load(KS + ks_base + g1 * HEAD_DIM + coff, mask=ok, other=0.0)
-    kz_n = gl.load(KZ + ks_base + g1 * HEAD_DIM + coff, mask=ok, other=0.0)
+    ks_n, kz_n = _group_loads(KS, KZ, ks_base, g1, coff, g1 * GROUP_SIZE < end, HEAD_DIM)
     ks = gl.convert_layout(_kappa_order(ks, 0, BITS), gl.SliceLayout(1, OPB))
     kz = gl.convert_layout(_kappa_order(kz, 0, BITS), gl.SliceLayout(1, OPB))
     qf = qn.to(gl.float32)
@@ -364,30 +381,19 @@ def _kvpass_decode_mma(
                                          order=[1, 0])
     coff = (gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(1, CMP)) * 32, 1)
             + gl.expand_dims(gl.arange(0, 32, gl.SliceLayout(0, CMP)), 0))
-    cok = coff >= 0
-    kw_n = gl.load(kp, mask=gl.expand_dims(start + kt < end, 1), other=0)
-    vw_n = gl.load(vp, mask=gl.expand_dims(start + vt < end, 0), other=0)
-    # value scales/zeros travel as 32-bit registers (16-bit loads, zero-extended): fp16 halves would
-    # be packed in pairs right at the load, which waits for it and undoes the prefetch
-    VSI = VS.to(gl.pointer_type(gl.int16), bitcast=True)
+    VSI = VS.to(gl.pointer_type(gl.int16), bitcast=True)   # value scales/zeros: 16-bit loads, int32 registers
     VZI = VZ.to(gl.pointer_type(gl.int16), bitcast=True)
-    vs_n = gl.load(VSI + vsp, mask=gl.expand_dims(start + vt < end, 0), other=0).to(gl.int32)
-    vz_n = gl.load(VZI + vsp, mask=gl.expand_dims(start + vt < end, 0), other=0).to(gl.int32)
-    ks_n = gl.load(KS + ks_base + (start // GROUP_SIZE) * HEAD_DIM + coff, mask=cok & (start < end), other=0.0)
-    kz_n = gl.load(KZ + ks_base + (start // GROUP_SIZE) * HEAD_DIM + coff, mask=cok & (start < end), other=0.0)
+    kw_n, vw_n, vs_n, vz_n = _step_loads(kp, vp, VSI, VZI, vsp, start, kt, vt, end)
+    ks_n, kz_n = _group_loads(KS, KZ, ks_base, start // GROUP_SIZE, coff, start < end, HEAD_DIM)
     for t0 in range(start, end, 32):
         kw = kw_n
         vw = vw_n
         vs = vs_n.to(gl.int16).to(gl.float16, bitcast=True)
         vz = vz_n.to(gl.int16).to(gl.float16, bitcast=True)
-        t1 = t0 + 32
         kp += 32 * NW
         vp += 32 * NW
         vsp += 32 * NG
-        kw_n = gl.load(kp, mask=gl.expand_dims(t1 + kt < end, 1), other=0)
-        vw_n = gl.load(vp, mask=gl.expand_dims(t1 + vt < end, 0), other=0)
-        vs_n = gl.load(VSI + vsp, mask=gl.expand_dims(t1 + vt < end, 0), other=0).to(gl.int32)
-        vz_n = gl.load(VZI + vsp, mask=gl.expand_dims(t1 + vt < end, 0), other=0).to(gl.int32)
+        kw_n, vw_n, vs_n, vz_n = _step_loads(kp, vp, VSI, VZI, vsp, t0 + 32, kt, vt, end)
         if t0 % GROUP_SIZE == 0:
             qs, qz, ks_n, kz_n = _next_group(qn, ks_n, kz_n, KS, KZ, ks_base, coff, t0, end,
                                              BITS, GROUP_SIZE, HEAD_DIM, KDT)
