@@ -98,7 +98,7 @@ def load_use(body: list[str]) -> tuple[int, int | None]:
     count, nearest = 0, None
     for i, ins in enumerate(body):
         op, dst, _ = regs(ins)
-        if not op.startswith("LDG") or not dst:
+        if not op.startswith("LDG") or op.startswith("LDGSTS") or not dst:   # LDGSTS: to shared memory
             continue
         base = int(dst[0][1:])
         width = 4 if ".128" in op else 2 if ".64" in op else 1

@@ -36,7 +36,7 @@ import torch
 import triton  # noqa: F401  (gluon needs triton imported first)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from kvpass.templates.decode_attention import _asm_unpack, _log_once
 
@@ -94,11 +94,68 @@ def _v_pair_asm(bits: int, fold: bool) -> tuple[str, str]:
     return "\n".join(lines), ",".join(["=h"] * (2 * n) + ["r", "r", "h", "h", "h", "h"])
 
 
-_K2_BF16, _KC2 = (gl.constexpr(x) for x in _asm_unpack(2, "bf16", False))
-_K4_BF16, _KC4 = (gl.constexpr(x) for x in _asm_unpack(4, "bf16", False))
-_K2_F16 = gl.constexpr(_asm_unpack(2, "fp16", False)[0])
-_K4_F16 = gl.constexpr(_asm_unpack(4, "fp16", False)[0])
+def _k_word_asm(bits: int, fold: bool) -> tuple[str, str]:
+    """PTX: one key word (n = 32 // bits codes) and the scale/zero pairs of its channels -> n fp16
+    keys code * s + z. Pair i = codes 2i and 2i + 1 (adjacent channels, so their scales are one
+    f16x2 register of the group's scale vector as it lies in memory, `_key_pairs`): the word and
+    the word shifted by `bits` are interleaved by halves (prmt), so code 2i sits in the low half and
+    code 2i + 1 at the same place in the high half; one lop3 extracts both. fold as in `_v_pair_asm`
+    (one fma per pair, zeros already z - 2**bits * s); otherwise the exact code first, then one fma.
+    Outputs $2i and $(2i + 1) share one f16x2 register."""
+    n = 32 // bits
+    half = n // 2
+    top = 10 - bits if fold else 0
+    magic = (bits + 15) << 10 if fold else 0x6400
+    mask = ((1 << bits) - 1) << top
+    w = f"${n}"
+    lines = ["{", ".reg .b32 t, u, x, y, one, neg;", f"shr.u32 u, {w}, {bits};", f"prmt.b32 x, {w}, u, 0x5410;",
+             f"prmt.b32 y, {w}, u, 0x7632;"]
+    if not fold:
+        lines += ["mov.b32 one, 0x3C003C00;", "mov.b32 neg, 0xE400E400;"]
+    for i in range(half):
+        src, sh = ("x", 2 * i * bits - top) if i < half // 2 else ("y", 2 * (i - half // 2) * bits - top)
+        if sh:
+            lines.append(f"{'shr.u32' if sh > 0 else 'shl.b32'} u, {src}, {abs(sh)};")
+            src = "u"
+        lines.append(f"lop3.b32 t, {src}, 0x{mask | (mask << 16):08X}, 0x{magic | (magic << 16):08X}, 0xea;")
+        if not fold:
+            lines.append("fma.rn.f16x2 t, t, one, neg;")
+        lines.append(f"fma.rn.f16x2 t, t, ${n + 1 + i}, ${n + 1 + half + i};")
+        lines.append(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, t;")
+    lines.append("}")
+    return "\n".join(lines), ",".join(["=h"] * n + ["r"] * (1 + 2 * half))
+
+
+def _kz_pair_asm(bits: int, fold: bool) -> str:
+    """PTX: the scales and zeros of channels 2i, 2i + 1 (fp16 halves) -> f16x2 registers {s_2i, s_2i+1}
+    and {z_2i, z_2i+1} (fold: z - 2**bits * s, `_k_word_asm`'s one-fma form). The halves come from
+    one 32-bit register of a vector load, so the packing is free."""
+    lines = ["{", "mov.b32 $0, {$2, $3};", "mov.b32 $1, {$4, $5};"]
+    if fold:
+        neg_m = 0x8000 | ((bits + 15) << 10)
+        lines += [".reg .b32 neg;", f"mov.b32 neg, 0x{neg_m | (neg_m << 16):08X};", "fma.rn.f16x2 $1, $0, neg, $1;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
 _V_ASM = {(bits, fold): _v_pair_asm(bits, fold) for bits in (2, 4) for fold in (False, True)}
+_K_ASM = {(bits, fold): _k_word_asm(bits, fold) for bits in (2, 4) for fold in (False, True)}
+_KZ_ASM = {(bits, fold): _kz_pair_asm(bits, fold) for bits in (2, 4) for fold in (False, True)}
+
+
+@gluon.constexpr_function
+def _k_asm(bits, fold):
+    return _K_ASM[(bits, fold)][0]
+
+
+@gluon.constexpr_function
+def _k_constraints(bits):
+    return _K_ASM[(bits, False)][1]
+
+
+@gluon.constexpr_function
+def _kz_asm(bits, fold):
+    return _KZ_ASM[(bits, fold)]
 
 
 @gluon.constexpr_function
@@ -168,49 +225,129 @@ def _tree(o, BITS: gl.constexpr):
 
 
 @gluon.jit
+def _tree_pairs(o, BITS: gl.constexpr):
+    """Join the key tensors o[c] (codes 2i, 2i + 1 are the halves of one register) into trailing dims
+    (c0, c_top, ..., c1)."""
+    if BITS == 2:
+        return _tree8((gl.join(o[0], o[1]), gl.join(o[2], o[3]), gl.join(o[4], o[5]), gl.join(o[6], o[7]),
+                       gl.join(o[8], o[9]), gl.join(o[10], o[11]), gl.join(o[12], o[13]), gl.join(o[14], o[15])))
+    else:
+        u0 = gl.join(o[0], o[1])
+        u1 = gl.join(o[2], o[3])
+        u2 = gl.join(o[4], o[5])
+        u3 = gl.join(o[6], o[7])
+        return gl.join(gl.join(u0, u2), gl.join(u1, u3))
+
+
+@gluon.jit
 def _kappa_order(x, LEAD: gl.constexpr, BITS: gl.constexpr):
     """x [*LEAD dims, 4 r, 32 j] (j = wl * n + c: word wl of lane group r, code c) -> [*LEAD, 128]
-    in MMA k order kappa = (wl, c_{top-1} .. c0, r, c_top): lane bits land on kappa bits 1, 2 and the
-    packed pair (c_top) on kappa bit 0, as the A/B operand layouts want them. LEAD is 0 or 1."""
+    in MMA k order kappa = (wl, c_top .. c1, r, c0): lane bits land on kappa bits 1, 2 and the
+    packed pair (c0: channels 2i, 2i + 1) on kappa bit 0, as the A/B operand layouts want them.
+    LEAD is 0 or 1."""
     if BITS == 2:   # j = wl * 16 + c, wl in 0..1
         if LEAD == 0:
             y = gl.reshape(x, [4, 2, 2, 2, 2, 2])                  # r, wl, c3, c2, c1, c0
-            y = gl.permute(y, [1, 3, 4, 5, 0, 2])
+            y = gl.permute(y, [1, 2, 3, 4, 0, 5])
         else:
             y = gl.reshape(x, [x.shape[0], 4, 2, 2, 2, 2, 2])
-            y = gl.permute(y, [0, 2, 4, 5, 6, 1, 3])
+            y = gl.permute(y, [0, 2, 3, 4, 5, 1, 6])
     else:           # j = wl * 8 + c, wl in 0..3
         if LEAD == 0:
             y = gl.reshape(x, [4, 4, 2, 2, 2])                     # r, wl, c2, c1, c0
-            y = gl.permute(y, [1, 3, 4, 0, 2])
+            y = gl.permute(y, [1, 2, 3, 0, 4])
         else:
             y = gl.reshape(x, [x.shape[0], 4, 4, 2, 2, 2])
-            y = gl.permute(y, [0, 2, 4, 5, 1, 3])
+            y = gl.permute(y, [0, 2, 3, 4, 1, 5])
     if LEAD == 0:
         return gl.reshape(y, [128])
     else:
         return gl.reshape(y, [x.shape[0], 128])
 
 
+@gluon.constexpr_function
+def _kz_layout(nw, n):
+    """Key scales (or zeros) of a group as [NW words, n codes] (channel w * n + c): lane 4g + r holds
+    the words [r * nwt, (r + 1) * nwt) with all their codes (the words `_word_layout_k` gives it),
+    the same for every g; codes first in registers (vector loads from shared memory)."""
+    nwt = nw // 4
+    regs = [[0, 1 << i] for i in range(n.bit_length() - 1)] + [[1 << i, 0] for i in range(nwt.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=[[nwt, 0], [2 * nwt, 0], [0, 0], [0, 0], [0, 0]],
+                                      warp_bases=[], block_bases=[], shape=[nw, n])
+
+
+@gluon.constexpr_function
+def _kz_copy_layout(nw, n):
+    """[NW, n] halves (128), 4 contiguous per lane: one 8-byte cp.async per lane."""
+    return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[32 * 4 // n, n // 4], warps_per_cta=[1, 1],
+                            order=[1, 0])
+
+
 @gluon.jit
-def _key_codes(kw, BITS: gl.constexpr, BF16: gl.constexpr):
-    """Key words [32 tok, NW] -> exact codes [32 tok, 128 kappa] in the A operand layout."""
-    if BITS == 2:
-        if BF16:
-            o = gl.inline_asm_elementwise(_K2_BF16, _KC2, [kw], dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
-        else:
-            o = gl.inline_asm_elementwise(_K2_F16, _KC2, [kw], dtype=(gl.float16,) * 16, is_pure=True, pack=1)
-        t = _tree(o, 2)                                     # [32, NW, c3, c2, c1, c0]
-        t = gl.reshape(t, [32, 4, 2, 2, 2, 2, 2])                  # tok, r, wl, c3, c2, c1, c0
-        t = gl.permute(t, [0, 2, 4, 5, 6, 1, 3])
+def _split_cols(x):
+    """x [NW, H] (H = 4 or 8) -> the tuple of its H columns [NW], column k at index k."""
+    NW: gl.constexpr = x.shape[0]
+    H: gl.constexpr = x.shape[1]
+    e, o = gl.split(gl.reshape(x, [NW, H // 2, 2]))         # even / odd k
+    if H == 8:
+        ee, eo = gl.split(gl.reshape(e, [NW, 2, 2]))        # k = 0, 4 / 2, 6
+        oe, oo = gl.split(gl.reshape(o, [NW, 2, 2]))        # k = 1, 5 / 3, 7
+        k0, k4 = gl.split(ee)
+        k2, k6 = gl.split(eo)
+        k1, k5 = gl.split(oe)
+        k3, k7 = gl.split(oo)
+        return k0, k1, k2, k3, k4, k5, k6, k7
     else:
-        if BF16:
-            o = gl.inline_asm_elementwise(_K4_BF16, _KC4, [kw], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
-            o = gl.inline_asm_elementwise(_K4_F16, _KC4, [kw], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
-        t = _tree(o, 4)                                     # [32, NW, c2, c1, c0]
-        t = gl.reshape(t, [32, 4, 4, 2, 2, 2])                     # tok, r, wl, c2, c1, c0
-        t = gl.permute(t, [0, 2, 4, 5, 1, 3])
+        k0, k2 = gl.split(e)
+        k1, k3 = gl.split(o)
+        return k0, k1, k2, k3
+
+
+@gluon.jit
+def _key_pairs(ks_buf, kz_buf, BITS: gl.constexpr, FOLD: gl.constexpr):
+    """The key group's scales and zeros in shared memory ([NW, n] each) -> two tuples of n/2 int32
+    tensors [NW]: pair i = f16x2 {s (or z) of code 2i, of code 2i + 1}."""
+    NW: gl.constexpr = ks_buf.shape[0]
+    N: gl.constexpr = ks_buf.shape[1]
+    ks = ks_buf.load(_kz_layout(NW, N))
+    kz = kz_buf.load(_kz_layout(NW, N))
+    s_lo, s_hi = gl.split(gl.reshape(ks, [NW, N // 2, 2]))
+    z_lo, z_hi = gl.split(gl.reshape(kz, [NW, N // 2, 2]))
+    s2, z2 = gl.inline_asm_elementwise(_kz_asm(BITS, FOLD), "=r,=r,h,h,h,h", [s_lo, s_hi, z_lo, z_hi],
+                                       dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+    return _split_cols(s2), _split_cols(z2)
+
+
+@gluon.jit
+def _words_b(x, WK: gl.constexpr):
+    """[NW] per-word register -> [1, NW] in `WK` (broadcast over the tokens)."""
+    return gl.expand_dims(gl.convert_layout(x, gl.SliceLayout(0, WK)), 0)
+
+
+@gluon.jit
+def _key_vals(kw, s2, z2, BITS: gl.constexpr, FOLD: gl.constexpr, WK: gl.constexpr):
+    """Key words [32 tok, NW] and their channels' scale/zero pairs (`_key_pairs`) -> fp16 keys
+    code * s + z [32 tok, 128 kappa] in the A operand layout."""
+    if BITS == 2:
+        o = gl.inline_asm_elementwise(
+            _k_asm(2, FOLD), _k_constraints(2),
+            [kw, _words_b(s2[0], WK), _words_b(s2[1], WK), _words_b(s2[2], WK), _words_b(s2[3], WK),
+             _words_b(s2[4], WK), _words_b(s2[5], WK), _words_b(s2[6], WK), _words_b(s2[7], WK),
+             _words_b(z2[0], WK), _words_b(z2[1], WK), _words_b(z2[2], WK), _words_b(z2[3], WK),
+             _words_b(z2[4], WK), _words_b(z2[5], WK), _words_b(z2[6], WK), _words_b(z2[7], WK)],
+            dtype=(gl.float16,) * 16, is_pure=True, pack=1)
+        t = _tree_pairs(o, 2)                               # [32, NW, c0, c3, c2, c1]
+        t = gl.reshape(t, [32, 4, 2, 2, 2, 2, 2])                  # tok, r, wl, c0, c3, c2, c1
+        t = gl.permute(t, [0, 2, 4, 5, 6, 1, 3])                   # tok, (wl, c3, c2, c1, r, c0)
+    else:
+        o = gl.inline_asm_elementwise(
+            _k_asm(4, FOLD), _k_constraints(4),
+            [kw, _words_b(s2[0], WK), _words_b(s2[1], WK), _words_b(s2[2], WK), _words_b(s2[3], WK),
+             _words_b(z2[0], WK), _words_b(z2[1], WK), _words_b(z2[2], WK), _words_b(z2[3], WK)],
+            dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+        t = _tree_pairs(o, 4)                               # [32, NW, c0, c2, c1]
+        t = gl.reshape(t, [32, 4, 4, 2, 2, 2])                     # tok, r, wl, c0, c2, c1
+        t = gl.permute(t, [0, 2, 4, 5, 1, 3])                      # tok, (wl, c2, c1, r, c0)
     return gl.convert_layout(gl.reshape(t, [32, 128]), OPA)
 
 
@@ -286,28 +423,26 @@ def _step_loads(kp, vp, VSI, VZI, vsp, t, kt, vt, end):
 
 
 @gluon.jit
-def _group_loads(KS, KZ, ks_base, g, coff, in_range, HEAD_DIM: gl.constexpr):
-    """Key scales/zeros of group g ([4, 32] in `coff`'s compact layout), read only if `in_range`."""
-    ok = (coff >= 0) & in_range
-    return (gl.load(KS + ks_base + g * HEAD_DIM + coff, mask=ok, other=0.0),
-            gl.load(KZ + ks_base + g * HEAD_DIM + coff, mask=ok, other=0.0))
+def _group_copy(ks_buf, kz_buf, KS, KZ, ks_base, g, cp_off, ok, HEAD_DIM: gl.constexpr):
+    """cp.async of key group g's scales and zeros (128 channels each, [NW, n]) into ks_buf, kz_buf, if `ok`."""
+    off = ks_base + g * HEAD_DIM + cp_off
+    async_copy.async_copy_global_to_shared(ks_buf, KS + off, mask=(cp_off >= 0) & ok)
+    async_copy.async_copy_global_to_shared(kz_buf, KZ + off, mask=(cp_off >= 0) & ok)
+    async_copy.commit_group()
 
 
 @gluon.jit
-def _next_group(qn, ks_n, kz_n, KS, KZ, ks_base, coff, t0, end,
-                BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, KDT: gl.constexpr):
-    """Key group t0 // GROUP_SIZE starts: its prefetched scales/zeros ks_n, kz_n ([4, 32] compact)
-    -> qs = q * s_k [128 kappa, 8] (B operand, KDT) and qz = q . z_k [8]; the next group's are loaded."""
-    ks = gl.convert_layout(ks_n, _vec_layout()).to(gl.float32)
-    kz = gl.convert_layout(kz_n, _vec_layout()).to(gl.float32)
-    g1 = t0 // GROUP_SIZE + 1
-    ks_n, kz_n = _group_loads(KS, KZ, ks_base, g1, coff, g1 * GROUP_SIZE < end, HEAD_DIM)
-    ks = gl.convert_layout(_kappa_order(ks, 0, BITS), gl.SliceLayout(1, OPB))
-    kz = gl.convert_layout(_kappa_order(kz, 0, BITS), gl.SliceLayout(1, OPB))
-    qf = qn.to(gl.float32)
-    qs = (qf * gl.expand_dims(ks, 1)).to(KDT)
-    qz = gl.convert_layout(gl.sum(qf * gl.expand_dims(kz, 1), axis=0), gl.SliceLayout(0, MMA))
-    return qs, qz, ks_n, kz_n
+def _q_kappa(Q, q_base, s_qh, REP: gl.constexpr, BITS: gl.constexpr, VOLATILE: gl.constexpr):
+    """The REP query rows of this KV head as fp32 [128 kappa, 8] (rows >= REP zero)."""
+    QL: gl.constexpr = _q_layout()
+    qh = gl.arange(0, 8, gl.SliceLayout(1, gl.SliceLayout(2, QL)))
+    qr = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, QL)))
+    qj = gl.arange(0, 32, gl.SliceLayout(0, gl.SliceLayout(1, QL)))
+    qoff = (gl.expand_dims(gl.expand_dims(qh * s_qh, 1), 2) + gl.expand_dims(gl.expand_dims(qr * 32, 0), 2)
+            + gl.expand_dims(gl.expand_dims(qj, 0), 1))
+    qmask = gl.expand_dims(gl.expand_dims(qh < REP, 1), 2) & (qoff >= 0)
+    q3 = gl.load(Q + q_base + qoff, mask=qmask, other=0.0, volatile=VOLATILE)
+    return gl.permute(_kappa_order(q3.to(gl.float32), 1, BITS), [1, 0])
 
 
 @gluon.jit
@@ -326,7 +461,6 @@ def _kvpass_decode_mma(
     gl.static_assert(GROUP_SIZE == 32 or GROUP_SIZE == 64 or GROUP_SIZE == 128,
                      "GROUP_SIZE must be 32, 64 or 128 (one key group per 32-token step or several steps)")
     DT: gl.constexpr = Q.dtype.element_ty
-    KDT: gl.constexpr = gl.bfloat16 if DT == gl.bfloat16 else gl.float16
     CPW: gl.constexpr = 32 // BITS
     NW: gl.constexpr = HEAD_DIM // CPW
     NWT: gl.constexpr = NW // 4
@@ -334,22 +468,19 @@ def _kvpass_decode_mma(
     STEP: gl.constexpr = GROUP_SIZE if GROUP_SIZE > 32 else 32
     WK: gl.constexpr = _word_layout_k(NWT)
     WV: gl.constexpr = _word_layout_v(NWT // 2 if BITS == 4 else 1)
-    QL: gl.constexpr = _q_layout()
+    FOLD: gl.constexpr = DT == gl.bfloat16
 
     pid_s = gl.program_id(0)
     pid_h = gl.program_id(1)
     pid_b = gl.program_id(2)
 
-    # ---- q: [8 heads, 128 kappa] -> B operand (q^T), rows >= REP are zero
-    qh = gl.arange(0, 8, gl.SliceLayout(1, gl.SliceLayout(2, QL)))
-    qr = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, QL)))
-    qj = gl.arange(0, 32, gl.SliceLayout(0, gl.SliceLayout(1, QL)))
-    qoff = (gl.expand_dims(gl.expand_dims(qh * s_qh, 1), 2) + gl.expand_dims(gl.expand_dims(qr * 32, 0), 2)
-            + gl.expand_dims(gl.expand_dims(qj, 0), 1))
-    qmask = gl.expand_dims(gl.expand_dims(qh < REP, 1), 2) & (qoff >= 0)
-    q3 = gl.load(Q + pid_b * s_qb + pid_h * REP * s_qh + qoff, mask=qmask, other=0.0)
-    qt = gl.permute(_kappa_order(q3.to(gl.float32), 1, BITS), [1, 0])        # [128 kappa, 8]
-    qn = gl.convert_layout(qt, OPB).to(DT)      # exact (q is in DT); 16 registers, not 32 in fp32
+    # ---- q: [8 heads, 128 kappa] -> fp16 B operand (q^T) for the quantized keys, scaled by 2**-qpow
+    # (exact; |q| * 2**-qpow <= 2**14, so a bf16 q fits fp16), rows >= REP zero
+    q_base = pid_b * s_qb + pid_h * REP * s_qh
+    qt = _q_kappa(Q, q_base, s_qh, REP, BITS, False)
+    qpow = gl.maximum(gl.ceil(gl.log2(gl.max(gl.max(gl.abs(qt), axis=1), axis=0))) - 14.0, 0.0)
+    q16 = gl.convert_layout(qt * gl.exp2(-qpow), OPB).to(gl.float16)
+    qk_keys = qk_scale * gl.exp2(qpow)
 
     m_i = gl.full([8], float("-inf"), gl.float32, gl.SliceLayout(0, MMA))
     l_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
@@ -373,18 +504,18 @@ def _kvpass_decode_mma(
     kp = kc_base + gl.expand_dims(start + kt, 1) * NW + gl.expand_dims(kwi, 0)
     vp = vc_base + gl.expand_dims(start + vt, 0) * NW + gl.expand_dims(vwi, 1)
     vsp = vs_base + gl.expand_dims(start + vt, 0) * NG + gl.expand_dims((vwi * CPW) // GROUP_SIZE, 1)
-    qs = gl.zeros([128, 8], KDT, OPB)
-    qz = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
-    # one step ahead in registers: the next step's words and value scales, the next group's key
-    # scales/zeros in a compact layout ([4, 32], 4 per lane; spread to `_vec_layout` when used)
-    CMP: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[1, 1],
-                                         order=[1, 0])
-    coff = (gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(1, CMP)) * 32, 1)
-            + gl.expand_dims(gl.arange(0, 32, gl.SliceLayout(0, CMP)), 0))
+    # one step ahead in registers: the next step's words and value scales; the next key group's
+    # scales/zeros by cp.async into the other half of a 2-group shared buffer
+    CPL: gl.constexpr = _kz_copy_layout(NW, CPW)
+    cp_off = (gl.expand_dims(gl.arange(0, NW, gl.SliceLayout(1, CPL)) * CPW, 1)
+              + gl.expand_dims(gl.arange(0, CPW, gl.SliceLayout(0, CPL)), 0))
+    ks_smem = gl.allocate_shared_memory(gl.float16, [2, NW, CPW], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    kz_smem = gl.allocate_shared_memory(gl.float16, [2, NW, CPW], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     VSI = VS.to(gl.pointer_type(gl.int16), bitcast=True)   # value scales/zeros: 16-bit loads, int32 registers
     VZI = VZ.to(gl.pointer_type(gl.int16), bitcast=True)
     kw_n, vw_n, vs_n, vz_n = _step_loads(kp, vp, VSI, VZI, vsp, start, kt, vt, end)
-    ks_n, kz_n = _group_loads(KS, KZ, ks_base, start // GROUP_SIZE, coff, start < end, HEAD_DIM)
+    g0 = start // GROUP_SIZE
+    _group_copy(ks_smem.index(g0 % 2), kz_smem.index(g0 % 2), KS, KZ, ks_base, g0, cp_off, start < end, HEAD_DIM)
     for t0 in range(start, end, 32):
         kw = kw_n
         vw = vw_n
@@ -394,16 +525,23 @@ def _kvpass_decode_mma(
         vp += 32 * NW
         vsp += 32 * NG
         kw_n, vw_n, vs_n, vz_n = _step_loads(kp, vp, VSI, VZI, vsp, t0 + 32, kt, vt, end)
+        g = t0 // GROUP_SIZE
         if t0 % GROUP_SIZE == 0:
-            qs, qz, ks_n, kz_n = _next_group(qn, ks_n, kz_n, KS, KZ, ks_base, coff, t0, end,
-                                             BITS, GROUP_SIZE, HEAD_DIM, KDT)
+            async_copy.wait_group(0)
+            gl.thread_barrier()
+            _group_copy(ks_smem.index((g + 1) % 2), kz_smem.index((g + 1) % 2), KS, KZ, ks_base, g + 1, cp_off,
+                        (g + 1) * GROUP_SIZE < end, HEAD_DIM)
+        s2, z2 = _key_pairs(ks_smem.index(g % 2), kz_smem.index(g % 2), BITS, FOLD)
         tok_ok = gl.expand_dims(t0 + st < end, 1)
-        s = mma_v2(_key_codes(kw, BITS, KDT == gl.bfloat16), qs, gl.zeros([32, 8], gl.float32, MMA))
-        s = (s + gl.expand_dims(qz, 0)) * qk_scale
+        s = mma_v2(_key_vals(kw, s2, z2, BITS, FOLD, WK), q16, gl.zeros([32, 8], gl.float32, MMA)) * qk_keys
         s = gl.where(tok_ok, s, float("-inf"))
         p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
         pb = gl.convert_layout(p.to(gl.float16), OPB)
-        acc = mma_v2(_value_vals(vw, vs, vz, BITS, KDT == gl.bfloat16), pb, acc)
+        acc = mma_v2(_value_vals(vw, vs, vz, BITS, FOLD), pb, acc)
+    async_copy.wait_group(0)
+
+    # q again for the window (model dtype, as its keys), after the loop: not live across it
+    qn = gl.convert_layout(_q_kappa(Q, q_base, s_qh, REP, BITS, True), OPB).to(DT)
 
     # ---- window rows pid_s, pid_s + S, ... of [Lq, L): model-dtype keys/values, natural channels
     nwin = L - Lq
