@@ -7,25 +7,33 @@ Why: the Triton tensor-core variant (`_kvpass_decode_dot`) spends ~1450 thread-i
 token and KV head (SASS, 2-bit G32, 4 query heads): Triton stages the unpacked codes through shared
 memory to reach the MMA operand layouts and pads the 4 query heads to 16 MMA rows. Here the codes
 are loaded straight into the MMA operand registers and the query heads are the MMA's N = 8 side:
-    S^T [BLOCK_N tok, 8 heads] = codes [tok, D] @ (q * s_k)^T [D, 8]      (mma m16n8k16, A = codes)
+    S^T [BLOCK_N tok, 8 heads] = (codes * s_k + z_k) [tok, D] @ q^T [D, 8]   (mma m16n8k16, A = keys)
     O^T [D, 8 heads]         += (codes * s_v + z_v)^T [D, tok] @ P^T [tok, 8]
 Constexprs (header of `_kvpass_decode_mma`):
-    KEY_BITS, VALUE_BITS   2 or 4 (same width for keys and values)
-    GROUP_SIZE             16, 32, 64, 128 (one key group per BLOCK_N = 32 tokens or a multiple)
+    BITS                   2 or 4 (same width for keys and values)
+    GROUP_SIZE             32, 64, 128 (one key group per BLOCK_N = 32 tokens or a multiple)
     HEAD_DIM               128
     REP                    query heads per KV head, 2..8 (the MMA's N = 8)
     dtype                  fp16 / bf16 models (q, window, output); scales/zeros fp16
 Register layouts (one warp, lane = 4 * g + r):
     key codes    A [32 tok, 128 kappa]: lane owns tokens g + 8i and the 32 channels of bytes
                  [8r, 8r + 8) (2-bit) of each row: one 8/16-byte load per token; kappa is a
-                 permutation of the channels (`_kappa_order`) applied to q and the key scales too
+                 permutation of the channels (`_kappa_order`: adjacent channels 2i, 2i + 1 share a
+                 register) applied to q by the same reshape/permute
+    key scales   the lane's 32 channels of the group, read from shared memory as they lie in memory
+                 (pairs of adjacent channels = one f16x2 register, `_key_pairs`); the groups arrive
+                 by cp.async one group ahead (2-group buffer)
     value codes  A [128 d, 32 tok] (transposed): lane owns the channels of word g (2-bit) and
                  tokens 2r, 2r + 1 (+ 8i): pairs of tokens share one f16x2 register; the output
                  channel order d follows (`_sigma`), undone at the store.
-Math as in decode_attention.py (log2 domain, lazy running max, exact codes from magic numbers).
-Values of bf16 models are dequantized with one fma per pair (`_v_pair_asm(fold=True)`).
-Loads run one step ahead in registers (words, value scales; the next group's key scales), kept as
-32-bit registers so that ptxas does not pack 16-bit halves right at the load (which waits for it).
+Math as in decode_attention.py (log2 domain, lazy running max). Keys and values are dequantized in
+fp16 by magic-number unpacking and one fma per pair; bf16 models use `_v_pair_asm`'s one-fma form
+(its extra rounding stays below bf16's), fp16 models the exact code first. q is an fp16 B operand
+scaled by 2**-qpow (exact; a bf16 q fits fp16 range) with 2**qpow folded into the score scale.
+Loads run one step ahead in registers (words, value scales), kept as 32-bit registers so that
+ptxas does not pack 16-bit halves right at the load (which waits for it). The loop runs over full
+32-token steps without masks; a split's partial last step (if its end is not a multiple of 32)
+runs once after it, masked.
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from kvpass.templates.decode_attention import _asm_unpack, _log_once
+from kvpass.templates.decode_attention import _log_once
 
 log = logging.getLogger("kvpass")
 
@@ -398,28 +406,41 @@ def _sigma_order(x, BITS: gl.constexpr):
 
 
 @gluon.jit
-def _lazy_softmax(s, m_i, acc, l_i):
-    """s [32 tok, 8 heads] (log2 domain); running max raised only when a block exceeds it by > 8."""
+def _lane_rows(p):
+    """p [32 tok, 8 heads] (MMA layout: lane g holds rows g + 8a) -> [8 g, 8 heads]: the sum of each
+    lane's own 4 rows, no cross-lane reduction (the softmax denominator is reduced once, at the end)."""
+    return gl.sum(gl.reshape(p, [4, 8, 8]), axis=0)
+
+
+@gluon.jit
+def _lazy_softmax(s, m_i, acc, l_part):
+    """s [32 tok, 8 heads] (log2 domain); running max raised only when a block exceeds it by > 8.
+    l_part: per-lane partial denominators (`_lane_rows`)."""
     m_blk = gl.max(s, axis=0)
     if gl.max((m_blk > m_i + 8.0).to(gl.int32), axis=0) > 0:
         m_new = gl.maximum(m_i, m_blk)
         alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
         acc = acc * gl.expand_dims(alpha, 0)
-        l_i = l_i * alpha
+        l_part = l_part * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, l_part.type.layout)), 0)
         m_i = m_new
     p = gl.exp2(s - gl.expand_dims(gl.where(m_i == float("-inf"), 0.0, m_i), 0))
-    return p, m_i, acc, l_i + gl.sum(p, axis=0)
+    return p, m_i, acc, l_part + _lane_rows(p)
 
 
 @gluon.jit
-def _step_loads(kp, vp, VSI, VZI, vsp, t, kt, vt, end):
+def _step_loads(kp, vp, VSI, VZI, vsp, t, kt, vt, end, MASKED: gl.constexpr):
     """The 32-token step at t: key words [32 tok, NW], value words [NW, 32 tok] and the value
     scales/zeros as zero-extended int32 (fp16 halves would be packed in pairs right at the load,
-    which waits for it and undoes the prefetch); tokens at or past `end` read nothing."""
-    kmask = gl.expand_dims(t + kt < end, 1)
-    vmask = gl.expand_dims(t + vt < end, 0)
-    return (gl.load(kp, mask=kmask, other=0), gl.load(vp, mask=vmask, other=0),
-            gl.load(VSI + vsp, mask=vmask, other=0).to(gl.int32), gl.load(VZI + vsp, mask=vmask, other=0).to(gl.int32))
+    which waits for it and undoes the prefetch). MASKED: tokens at or past `end` read nothing
+    (zeros); otherwise all 32 tokens are read (a full step)."""
+    if MASKED:
+        kmask = gl.expand_dims(t + kt < end, 1)
+        vmask = gl.expand_dims(t + vt < end, 0)
+        return (gl.load(kp, mask=kmask, other=0), gl.load(vp, mask=vmask, other=0),
+                gl.load(VSI + vsp, mask=vmask, other=0).to(gl.int32),
+                gl.load(VZI + vsp, mask=vmask, other=0).to(gl.int32))
+    else:
+        return (gl.load(kp), gl.load(vp), gl.load(VSI + vsp).to(gl.int32), gl.load(VZI + vsp).to(gl.int32))
 
 
 @gluon.jit
@@ -446,13 +467,40 @@ def _q_kappa(Q, q_base, s_qh, REP: gl.constexpr, BITS: gl.constexpr, VOLATILE: g
 
 
 @gluon.jit
+def _quantized_step(kw, vw, vs_n, vz_n, ks_smem, kz_smem, KS, KZ, ks_base, cp_off, q16, qk_keys, m_i, acc, l_i,
+                    t0, end, BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    FOLD: gl.constexpr, WK: gl.constexpr, MASKED: gl.constexpr):
+    """One 32-token step of the quantized store at t0 (words and value scales already loaded): when a
+    key group starts, wait for its scales/zeros and start the copy of the next group's; then
+    S = K q (keys dequantized in the A operand), the lazy softmax, O += V^T P^T. MASKED: tokens at
+    or past `end` get score -inf (the split's last, partial step)."""
+    vs = vs_n.to(gl.int16).to(gl.float16, bitcast=True)
+    vz = vz_n.to(gl.int16).to(gl.float16, bitcast=True)
+    g = t0 // GROUP_SIZE
+    if t0 % GROUP_SIZE == 0:
+        async_copy.wait_group(0)
+        gl.thread_barrier()
+        _group_copy(ks_smem.index((g + 1) % 2), kz_smem.index((g + 1) % 2), KS, KZ, ks_base, g + 1, cp_off,
+                    (g + 1) * GROUP_SIZE < end, HEAD_DIM)
+    s2, z2 = _key_pairs(ks_smem.index(g % 2), kz_smem.index(g % 2), BITS, FOLD)
+    s = mma_v2(_key_vals(kw, s2, z2, BITS, FOLD, WK), q16, gl.zeros([32, 8], gl.float32, MMA)) * qk_keys
+    if MASKED:
+        st = gl.arange(0, 32, gl.SliceLayout(1, MMA))
+        s = gl.where(gl.expand_dims(t0 + st < end, 1), s, float("-inf"))
+    p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
+    pb = gl.convert_layout(p.to(gl.float16), OPB)
+    acc = mma_v2(_value_vals(vw, vs, vz, BITS, FOLD), pb, acc)
+    return m_i, acc, l_i
+
+
+@gluon.jit
 def _kvpass_decode_mma(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, OP, OM, OL, LENS,
     s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh,
     KV_LEN, NUM_SPLITS_RT, qk_scale,
     BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, REP: gl.constexpr,
 ):
-    """Constexprs: BITS (2, 4), GROUP_SIZE (16..128, multiple of 32 tokens per step or dividing it),
+    """Constexprs: BITS (2, 4), GROUP_SIZE (32, 64, 128: one group per 32-token step or a multiple),
     HEAD_DIM (128), REP (2..8). Grid (splits, Hkv, B), one warp. Writes the split's (acc, m, l) for
     `_kvpass_decode_reduce`, as `_kvpass_decode_dot` does with device lengths and no mask."""
     gl.static_assert(BITS == 2 or BITS == 4, "BITS must be 2 or 4")
@@ -483,7 +531,7 @@ def _kvpass_decode_mma(
     qk_keys = qk_scale * gl.exp2(qpow)
 
     m_i = gl.full([8], float("-inf"), gl.float32, gl.SliceLayout(0, MMA))
-    l_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
+    l_i = _lane_rows(gl.zeros([32, 8], gl.float32, MMA))          # per-lane partials until the end
     acc = gl.zeros([128, 8], gl.float32, MMA)
 
     Lq = gl.minimum(gl.load(LENS), KV_LEN)
@@ -513,31 +561,34 @@ def _kvpass_decode_mma(
     kz_smem = gl.allocate_shared_memory(gl.float16, [2, NW, CPW], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     VSI = VS.to(gl.pointer_type(gl.int16), bitcast=True)   # value scales/zeros: 16-bit loads, int32 registers
     VZI = VZ.to(gl.pointer_type(gl.int16), bitcast=True)
-    kw_n, vw_n, vs_n, vz_n = _step_loads(kp, vp, VSI, VZI, vsp, start, kt, vt, end)
+    # full steps in the loop (no masks; each prefetches the next full step), the last full step
+    # after it, then the split's partial last step, if any, with masks
+    t_full = start + (end - start) // 32 * 32
+    kw_n, vw_n, vs_n, vz_n = _step_loads(kp, vp, VSI, VZI, vsp, start, kt, vt, end, True)
     g0 = start // GROUP_SIZE
     _group_copy(ks_smem.index(g0 % 2), kz_smem.index(g0 % 2), KS, KZ, ks_base, g0, cp_off, start < end, HEAD_DIM)
-    for t0 in range(start, end, 32):
+    for t0 in range(start, t_full - 32, 32):
         kw = kw_n
         vw = vw_n
-        vs = vs_n.to(gl.int16).to(gl.float16, bitcast=True)
-        vz = vz_n.to(gl.int16).to(gl.float16, bitcast=True)
+        vs_c = vs_n
+        vz_c = vz_n
         kp += 32 * NW
         vp += 32 * NW
         vsp += 32 * NG
-        kw_n, vw_n, vs_n, vz_n = _step_loads(kp, vp, VSI, VZI, vsp, t0 + 32, kt, vt, end)
-        g = t0 // GROUP_SIZE
-        if t0 % GROUP_SIZE == 0:
-            async_copy.wait_group(0)
-            gl.thread_barrier()
-            _group_copy(ks_smem.index((g + 1) % 2), kz_smem.index((g + 1) % 2), KS, KZ, ks_base, g + 1, cp_off,
-                        (g + 1) * GROUP_SIZE < end, HEAD_DIM)
-        s2, z2 = _key_pairs(ks_smem.index(g % 2), kz_smem.index(g % 2), BITS, FOLD)
-        tok_ok = gl.expand_dims(t0 + st < end, 1)
-        s = mma_v2(_key_vals(kw, s2, z2, BITS, FOLD, WK), q16, gl.zeros([32, 8], gl.float32, MMA)) * qk_keys
-        s = gl.where(tok_ok, s, float("-inf"))
-        p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
-        pb = gl.convert_layout(p.to(gl.float16), OPB)
-        acc = mma_v2(_value_vals(vw, vs, vz, BITS, FOLD), pb, acc)
+        kw_n, vw_n, vs_n, vz_n = _step_loads(kp, vp, VSI, VZI, vsp, t0 + 32, kt, vt, end, False)
+        m_i, acc, l_i = _quantized_step(kw, vw, vs_c, vz_c, ks_smem, kz_smem, KS, KZ, ks_base, cp_off, q16, qk_keys,
+                                        m_i, acc, l_i, t0, end, BITS, GROUP_SIZE, HEAD_DIM, FOLD, WK, False)
+    if t_full > start:
+        m_i, acc, l_i = _quantized_step(kw_n, vw_n, vs_n, vz_n, ks_smem, kz_smem, KS, KZ, ks_base, cp_off, q16,
+                                        qk_keys, m_i, acc, l_i, t_full - 32, end, BITS, GROUP_SIZE, HEAD_DIM, FOLD,
+                                        WK, False)
+        kp += 32 * NW
+        vp += 32 * NW
+        vsp += 32 * NG
+    if t_full < end:
+        kw, vw, vs_c, vz_c = _step_loads(kp, vp, VSI, VZI, vsp, t_full, kt, vt, end, True)
+        m_i, acc, l_i = _quantized_step(kw, vw, vs_c, vz_c, ks_smem, kz_smem, KS, KZ, ks_base, cp_off, q16, qk_keys,
+                                        m_i, acc, l_i, t_full, end, BITS, GROUP_SIZE, HEAD_DIM, FOLD, WK, True)
     async_copy.wait_group(0)
 
     # q again for the window (model dtype, as its keys), after the loop: not live across it
@@ -563,6 +614,8 @@ def _kvpass_decode_mma(
         s = gl.where(gl.expand_dims(pid_s + (j0 + st) * NUM_SPLITS_RT < nwin, 1), s, float("-inf"))
         p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
         acc = mma_v2(gl.convert_layout(_sigma_order(vwin, BITS), OPA), gl.convert_layout(p.to(DT), OPB), acc)
+
+    l_i = gl.convert_layout(gl.sum(l_i, axis=0), gl.SliceLayout(0, MMA))
 
     # ---- zero tail [L, KV_LEN): score 0, value 0 (closed form)
     t_chunk = gl.cdiv(KV_LEN - L, NUM_SPLITS_RT)
