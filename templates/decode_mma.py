@@ -63,6 +63,24 @@ OPA = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
 OPB = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
 
 
+def _pair_lines(src: str, pos: int, bits: int, fold: bool, s2: str, z2: str, out: str) -> list[str]:
+    """PTX lines for one code pair of an unpack (registers t, u, one, neg declared by the caller): the
+    codes sit at bit `pos` of both 16-bit halves of `src`; shift them under the magic number's
+    exponent (fold: to the top `bits` of the mantissa, exactly 2**bits + code; otherwise to the low
+    bits, 1024 + code, and one fma subtracts 1024 exactly), then t * s2 + z2 into `out`."""
+    top = 10 - bits if fold else 0
+    magic = (bits + 15) << 10 if fold else 0x6400
+    mask = ((1 << bits) - 1) << top
+    lines, sh = [], pos - top
+    if sh:
+        lines.append(f"{'shr' if sh > 0 else 'shl'}.b32 u, {src}, {abs(sh)};")
+        src = "u"
+    lines.append(f"lop3.b32 t, {src}, 0x{mask | (mask << 16):08X}, 0x{magic | (magic << 16):08X}, 0xea;")
+    if not fold:
+        lines.append("fma.rn.f16x2 t, t, one, neg;")
+    return lines + [f"fma.rn.f16x2 t, t, {s2}, {z2};", f"mov.b32 {out}, t;"]
+
+
 def _v_pair_asm(bits: int, fold: bool) -> tuple[str, str]:
     """PTX: words a, b of two tokens (same channels) and their value scale/zero -> 2 * n fp16 values
     code * s + z, outputs $c (token a, code c) and $(n + c) (token b) share one f16x2 register.
@@ -75,29 +93,18 @@ def _v_pair_asm(bits: int, fold: bool) -> tuple[str, str]:
     of |z - M * s| (~ |z| + range): up to ~3.5 half-ulps of max |v| instead of 1 (CPU emulation)."""
     n = 32 // bits
     half = n // 2
-    top = 10 - bits if fold else 0
-    magic = (bits + 15) << 10 if fold else 0x6400
-    mask = ((1 << bits) - 1) << top
+    magic = (bits + 15) << 10
     wa, wb, sa, sb, za, zb = (f"${2 * n + i}" for i in range(6))
     lines = ["{", ".reg .b32 lo, hi, t, u, one, neg, s2, z2;", f"mov.b32 s2, {{{sa}, {sb}}};",
              f"mov.b32 z2, {{{za}, {zb}}};"]
     if fold:
-        neg_m = 0x8000 | magic
+        neg_m = 0x8000 | magic    # -2**bits
         lines += [f"mov.b32 neg, 0x{neg_m | (neg_m << 16):08X};", "fma.rn.f16x2 z2, s2, neg, z2;"]
     else:
         lines += ["mov.b32 one, 0x3C003C00;", "mov.b32 neg, 0xE400E400;"]
     lines += [f"prmt.b32 lo, {wa}, {wb}, 0x5410;", f"prmt.b32 hi, {wa}, {wb}, 0x7632;"]
     for c in range(n):
-        src = "lo" if c < half else "hi"
-        sh = (c % half) * bits - top
-        if sh:
-            lines.append(f"{'shr' if sh > 0 else 'shl'}.b32 u, {src}, {abs(sh)};")
-            src = "u"
-        lines.append(f"lop3.b32 t, {src}, 0x{mask | (mask << 16):08X}, 0x{magic | (magic << 16):08X}, 0xea;")
-        if not fold:
-            lines.append("fma.rn.f16x2 t, t, one, neg;")
-        lines.append("fma.rn.f16x2 t, t, s2, z2;")
-        lines.append(f"mov.b32 {{${c}, ${n + c}}}, t;")
+        lines += _pair_lines("lo" if c < half else "hi", (c % half) * bits, bits, fold, "s2", "z2", f"{{${c}, ${n + c}}}")
     lines.append("}")
     return "\n".join(lines), ",".join(["=h"] * (2 * n) + ["r", "r", "h", "h", "h", "h"])
 
@@ -112,24 +119,14 @@ def _k_word_asm(bits: int, fold: bool) -> tuple[str, str]:
     Outputs $2i and $(2i + 1) share one f16x2 register."""
     n = 32 // bits
     half = n // 2
-    top = 10 - bits if fold else 0
-    magic = (bits + 15) << 10 if fold else 0x6400
-    mask = ((1 << bits) - 1) << top
     w = f"${n}"
     lines = ["{", ".reg .b32 t, u, x, y, one, neg;", f"shr.u32 u, {w}, {bits};", f"prmt.b32 x, {w}, u, 0x5410;",
              f"prmt.b32 y, {w}, u, 0x7632;"]
     if not fold:
         lines += ["mov.b32 one, 0x3C003C00;", "mov.b32 neg, 0xE400E400;"]
     for i in range(half):
-        src, sh = ("x", 2 * i * bits - top) if i < half // 2 else ("y", 2 * (i - half // 2) * bits - top)
-        if sh:
-            lines.append(f"{'shr.u32' if sh > 0 else 'shl.b32'} u, {src}, {abs(sh)};")
-            src = "u"
-        lines.append(f"lop3.b32 t, {src}, 0x{mask | (mask << 16):08X}, 0x{magic | (magic << 16):08X}, 0xea;")
-        if not fold:
-            lines.append("fma.rn.f16x2 t, t, one, neg;")
-        lines.append(f"fma.rn.f16x2 t, t, ${n + 1 + i}, ${n + 1 + half + i};")
-        lines.append(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, t;")
+        src, pos = ("x", 2 * i * bits) if i < half // 2 else ("y", 2 * (i - half // 2) * bits)
+        lines += _pair_lines(src, pos, bits, fold, f"${n + 1 + i}", f"${n + 1 + half + i}", f"{{${2 * i}, ${2 * i + 1}}}")
     lines.append("}")
     return "\n".join(lines), ",".join(["=h"] * n + ["r"] * (1 + 2 * half))
 
@@ -149,31 +146,23 @@ def _kz_pair_asm(bits: int, fold: bool) -> str:
 _V_ASM = {(bits, fold): _v_pair_asm(bits, fold) for bits in (2, 4) for fold in (False, True)}
 _K_ASM = {(bits, fold): _k_word_asm(bits, fold) for bits in (2, 4) for fold in (False, True)}
 _KZ_ASM = {(bits, fold): _kz_pair_asm(bits, fold) for bits in (2, 4) for fold in (False, True)}
+_ASM = {"k": _K_ASM, "v": _V_ASM}
 
 
 @gluon.constexpr_function
-def _k_asm(bits, fold):
-    return _K_ASM[(bits, fold)][0]
+def _asm(kind, bits, fold):
+    """PTX of the key ("k", `_k_word_asm`) or value ("v", `_v_pair_asm`) unpack."""
+    return _ASM[kind][(bits, fold)][0]
 
 
 @gluon.constexpr_function
-def _k_constraints(bits):
-    return _K_ASM[(bits, False)][1]
+def _constraints(kind, bits):
+    return _ASM[kind][(bits, False)][1]
 
 
 @gluon.constexpr_function
 def _kz_asm(bits, fold):
     return _KZ_ASM[(bits, fold)]
-
-
-@gluon.constexpr_function
-def _v_asm(bits, fold):
-    return _V_ASM[(bits, fold)][0]
-
-
-@gluon.constexpr_function
-def _v_constraints(bits):
-    return _V_ASM[(bits, False)][1]
 
 
 @gluon.constexpr_function
@@ -338,7 +327,7 @@ def _key_vals(kw, s2, z2, BITS: gl.constexpr, FOLD: gl.constexpr, WK: gl.constex
     code * s + z [32 tok, 128 kappa] in the A operand layout."""
     if BITS == 2:
         o = gl.inline_asm_elementwise(
-            _k_asm(2, FOLD), _k_constraints(2),
+            _asm("k", 2, FOLD), _constraints("k", 2),
             [kw, _words_b(s2[0], WK), _words_b(s2[1], WK), _words_b(s2[2], WK), _words_b(s2[3], WK),
              _words_b(s2[4], WK), _words_b(s2[5], WK), _words_b(s2[6], WK), _words_b(s2[7], WK),
              _words_b(z2[0], WK), _words_b(z2[1], WK), _words_b(z2[2], WK), _words_b(z2[3], WK),
@@ -349,7 +338,7 @@ def _key_vals(kw, s2, z2, BITS: gl.constexpr, FOLD: gl.constexpr, WK: gl.constex
         t = gl.permute(t, [0, 2, 4, 5, 6, 1, 3])                   # tok, (wl, c3, c2, c1, r, c0)
     else:
         o = gl.inline_asm_elementwise(
-            _k_asm(4, FOLD), _k_constraints(4),
+            _asm("k", 4, FOLD), _constraints("k", 4),
             [kw, _words_b(s2[0], WK), _words_b(s2[1], WK), _words_b(s2[2], WK), _words_b(s2[3], WK),
              _words_b(z2[0], WK), _words_b(z2[1], WK), _words_b(z2[2], WK), _words_b(z2[3], WK)],
             dtype=(gl.float16,) * 8, is_pure=True, pack=1)
@@ -368,7 +357,7 @@ def _value_vals(vw, vs, vz, BITS: gl.constexpr, FOLD: gl.constexpr):
     we, wo = gl.split(gl.reshape(vw, [NW, 16, 2]))
     se, so = gl.split(gl.reshape(vs, [NW, 16, 2]))
     ze, zo = gl.split(gl.reshape(vz, [NW, 16, 2]))
-    o = gl.inline_asm_elementwise(_v_asm(BITS, FOLD), _v_constraints(BITS), [we, wo, se, so, ze, zo],
+    o = gl.inline_asm_elementwise(_asm("v", BITS, FOLD), _constraints("v", BITS), [we, wo, se, so, ze, zo],
                                   dtype=_v_dtypes(BITS), is_pure=True, pack=1)
     if BITS == 2:
         u = (gl.join(o[0], o[16]), gl.join(o[1], o[17]), gl.join(o[2], o[18]), gl.join(o[3], o[19]),
