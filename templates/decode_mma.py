@@ -201,13 +201,15 @@ def _q_layout():
 
 
 @gluon.jit
+def _tree4(x):
+    """Join 4 tensors x[k] into trailing dims (k1, k0), the highest bit of k first."""
+    return gl.join(gl.join(x[0], x[2]), gl.join(x[1], x[3]))
+
+
+@gluon.jit
 def _tree8(x):
     """Join 8 tensors x[k] into trailing dims (k2, k1, k0), the highest bit of k first."""
-    a0 = gl.join(x[0], x[4])
-    a1 = gl.join(x[1], x[5])
-    a2 = gl.join(x[2], x[6])
-    a3 = gl.join(x[3], x[7])
-    return gl.join(gl.join(a0, a2), gl.join(a1, a3))
+    return _tree4((gl.join(x[0], x[4]), gl.join(x[1], x[5]), gl.join(x[2], x[6]), gl.join(x[3], x[7])))
 
 
 @gluon.jit
@@ -229,11 +231,7 @@ def _tree_pairs(o, BITS: gl.constexpr):
         return _tree8((gl.join(o[0], o[1]), gl.join(o[2], o[3]), gl.join(o[4], o[5]), gl.join(o[6], o[7]),
                        gl.join(o[8], o[9]), gl.join(o[10], o[11]), gl.join(o[12], o[13]), gl.join(o[14], o[15])))
     else:
-        u0 = gl.join(o[0], o[1])
-        u1 = gl.join(o[2], o[3])
-        u2 = gl.join(o[4], o[5])
-        u3 = gl.join(o[6], o[7])
-        return gl.join(gl.join(u0, u2), gl.join(u1, u3))
+        return _tree4((gl.join(o[0], o[1]), gl.join(o[2], o[3]), gl.join(o[4], o[5]), gl.join(o[6], o[7])))
 
 
 @gluon.jit
