@@ -525,7 +525,7 @@ def _kvpass_decode_mma(
     L = gl.minimum(gl.load(LENS + 1), KV_LEN)
     chunk = gl.maximum(gl.cdiv(Lq, NUM_SPLITS_RT * STEP), 1) * STEP
     start = pid_s * chunk
-    end = gl.minimum(start + chunk, Lq)
+    end = gl.maximum(gl.minimum(start + chunk, Lq), start)   # >= start: a split past Lq has no steps (no tail)
 
     kc_base = KC + pid_b * s_kcb + pid_h * s_kch
     ks_base = pid_b * s_ksb + pid_h * s_ksh
