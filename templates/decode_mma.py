@@ -30,10 +30,13 @@ Math as in decode_attention.py (log2 domain, lazy running max). Keys and values 
 fp16 by magic-number unpacking and one fma per pair; bf16 models use `_v_pair_asm`'s one-fma form
 (its extra rounding stays below bf16's), fp16 models the exact code first. q is an fp16 B operand
 scaled by 2**-qpow (exact; a bf16 q fits fp16 range) with 2**qpow folded into the score scale.
-Loads run one step ahead in registers (words, value scales), kept as 32-bit registers so that
-ptxas does not pack 16-bit halves right at the load (which waits for it). The loop runs over full
-32-token steps without masks; a split's partial last step (if its end is not a multiple of 32)
-runs once after it, masked.
+The loop runs over full 32-token steps without masks, software-pipelined: an iteration runs the
+softmax and value MMA of step t and the key dequant and score MMA of step t + 32 in one basic
+block (ptxas interleaves the two dependency chains; the lazy-max branch comes first, on a block
+max computed the iteration before). Its loads (key words of t + 64, values and value scales of
+t + 32) are consumed one iteration later, from registers; value scales stay 32-bit registers so
+that ptxas does not pack 16-bit halves right at the load (which waits for it). A split's partial
+last step (if its end is not a multiple of 32) runs once after the loop, masked.
 """
 from __future__ import annotations
 
@@ -400,34 +403,53 @@ def _lane_rows(p):
 
 
 @gluon.jit
-def _lazy_softmax(s, m_i, acc, l_part):
-    """s [32 tok, 8 heads] (log2 domain); running max raised only when a block exceeds it by > 8.
-    l_part: per-lane partial denominators (`_lane_rows`)."""
-    m_blk = gl.max(s, axis=0)
+def _lazy_rescale(m_blk, m_i, acc, l_part):
+    """The running max raised only when a block's max m_blk [8 heads] exceeds it by > 8 (then acc and
+    the per-lane partial denominators l_part (`_lane_rows`) are rescaled)."""
     if gl.max((m_blk > m_i + 8.0).to(gl.int32), axis=0) > 0:
         m_new = gl.maximum(m_i, m_blk)
         alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
         acc = acc * gl.expand_dims(alpha, 0)
         l_part = l_part * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, l_part.type.layout)), 0)
         m_i = m_new
-    p = gl.exp2(s - gl.expand_dims(gl.where(m_i == float("-inf"), 0.0, m_i), 0))
-    return p, m_i, acc, l_part + _lane_rows(p)
+    return m_i, acc, l_part
 
 
 @gluon.jit
-def _step_loads(kp, vp, VSI, VZI, vsp, t, kt, vt, end, MASKED: gl.constexpr):
-    """The 32-token step at t: key words [32 tok, NW], value words [NW, 32 tok] and the value
-    scales/zeros as zero-extended int32 (fp16 halves would be packed in pairs right at the load,
-    which waits for it and undoes the prefetch). MASKED: tokens at or past `end` read nothing
-    (zeros); otherwise all 32 tokens are read (a full step)."""
+def _probs(s, m_i, l_part):
+    """p = 2**(s - m_i) [32 tok, 8 heads] and the partial denominators with p added."""
+    p = gl.exp2(s - gl.expand_dims(gl.where(m_i == float("-inf"), 0.0, m_i), 0))
+    return p, l_part + _lane_rows(p)
+
+
+@gluon.jit
+def _lazy_softmax(s, m_i, acc, l_part):
+    """s [32 tok, 8 heads] (log2 domain); `_lazy_rescale`, then `_probs`."""
+    m_i, acc, l_part = _lazy_rescale(gl.max(s, axis=0), m_i, acc, l_part)
+    p, l_part = _probs(s, m_i, l_part)
+    return p, m_i, acc, l_part
+
+
+@gluon.jit
+def _key_loads(kp, t, kt, end, MASKED: gl.constexpr):
+    """Key words [32 tok, NW] of the 32-token step at t (MASKED: tokens at or past `end` read zeros)."""
     if MASKED:
-        kmask = gl.expand_dims(t + kt < end, 1)
+        return gl.load(kp, mask=gl.expand_dims(t + kt < end, 1), other=0)
+    else:
+        return gl.load(kp)
+
+
+@gluon.jit
+def _value_loads(vp, VSI, VZI, vsp, t, vt, end, MASKED: gl.constexpr):
+    """Value words [NW, 32 tok] of the step at t and its value scales/zeros as zero-extended int32
+    (fp16 halves would be packed in pairs right at the load, which waits for it and undoes the
+    prefetch). MASKED: tokens at or past `end` read zeros."""
+    if MASKED:
         vmask = gl.expand_dims(t + vt < end, 0)
-        return (gl.load(kp, mask=kmask, other=0), gl.load(vp, mask=vmask, other=0),
-                gl.load(VSI + vsp, mask=vmask, other=0).to(gl.int32),
+        return (gl.load(vp, mask=vmask, other=0), gl.load(VSI + vsp, mask=vmask, other=0).to(gl.int32),
                 gl.load(VZI + vsp, mask=vmask, other=0).to(gl.int32))
     else:
-        return (gl.load(kp), gl.load(vp), gl.load(VSI + vsp).to(gl.int32), gl.load(VZI + vsp).to(gl.int32))
+        return gl.load(vp), gl.load(VSI + vsp).to(gl.int32), gl.load(VZI + vsp).to(gl.int32)
 
 
 @gluon.jit
@@ -454,27 +476,34 @@ def _q_kappa(Q, q_base, s_qh, REP: gl.constexpr, BITS: gl.constexpr, VOLATILE: g
 
 
 @gluon.jit
-def _quantized_step(kw, vw, vs_n, vz_n, ks_smem, kz_smem, KS, KZ, ks_base, cp_off, q16, qk_keys, m_i, acc, l_i,
-                    t0, end, BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    FOLD: gl.constexpr, WK: gl.constexpr, MASKED: gl.constexpr):
-    """One 32-token step of the quantized store at t0 (words and value scales already loaded): when a
-    key group starts, wait for its scales/zeros and start the copy of the next group's; then
-    S = K q (keys dequantized in the A operand), the lazy softmax, O += V^T P^T. MASKED: tokens at
-    or past `end` get score -inf (the split's last, partial step)."""
-    vs = vs_n.to(gl.int16).to(gl.float16, bitcast=True)
-    vz = vz_n.to(gl.int16).to(gl.float16, bitcast=True)
-    g = t0 // GROUP_SIZE
+def _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t0, end, GROUP_SIZE: gl.constexpr,
+                 HEAD_DIM: gl.constexpr):
+    """When a key group starts at t0: wait for its scales/zeros and start the copy of the next group's."""
     if t0 % GROUP_SIZE == 0:
+        g = t0 // GROUP_SIZE
         async_copy.wait_group(0)
         gl.thread_barrier()
         _group_copy(ks_smem.index((g + 1) % 2), kz_smem.index((g + 1) % 2), KS, KZ, ks_base, g + 1, cp_off,
                     (g + 1) * GROUP_SIZE < end, HEAD_DIM)
+
+
+@gluon.jit
+def _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, t0, BITS: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                 FOLD: gl.constexpr, WK: gl.constexpr):
+    """Scores [32 tok, 8 heads] (log2 domain) of the 32-token step at t0 from its key words, S = K q
+    (keys dequantized in the A operand; the group's scales from shared memory, `_group_begin`)."""
+    g = t0 // GROUP_SIZE
     s2, z2 = _key_pairs(ks_smem.index(g % 2), kz_smem.index(g % 2), BITS, FOLD)
-    s = mma_v2(_key_vals(kw, s2, z2, BITS, FOLD, WK), q16, gl.zeros([32, 8], gl.float32, MMA)) * qk_keys
-    if MASKED:
-        st = gl.arange(0, 32, gl.SliceLayout(1, MMA))
-        s = gl.where(gl.expand_dims(t0 + st < end, 1), s, float("-inf"))
-    p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
+    return mma_v2(_key_vals(kw, s2, z2, BITS, FOLD, WK), q16, gl.zeros([32, 8], gl.float32, MMA)) * qk_keys
+
+
+@gluon.jit
+def _step_values(s, m_blk, vw, vs_n, vz_n, m_i, acc, l_i, BITS: gl.constexpr, FOLD: gl.constexpr):
+    """The lazy softmax of the step's scores s (block max m_blk, computed with them) and O += V^T P^T."""
+    vs = vs_n.to(gl.int16).to(gl.float16, bitcast=True)
+    vz = vz_n.to(gl.int16).to(gl.float16, bitcast=True)
+    m_i, acc, l_i = _lazy_rescale(m_blk, m_i, acc, l_i)
+    p, l_i = _probs(s, m_i, l_i)
     pb = gl.convert_layout(p.to(gl.float16), OPB)
     acc = mma_v2(_value_vals(vw, vs, vz, BITS, FOLD), pb, acc)
     return m_i, acc, l_i
@@ -539,8 +568,8 @@ def _kvpass_decode_mma(
     kp = kc_base + gl.expand_dims(start + kt, 1) * NW + gl.expand_dims(kwi, 0)
     vp = vc_base + gl.expand_dims(start + vt, 0) * NW + gl.expand_dims(vwi, 1)
     vsp = vs_base + gl.expand_dims(start + vt, 0) * NG + gl.expand_dims((vwi * CPW) // GROUP_SIZE, 1)
-    # one step ahead in registers: the next step's words and value scales; the next key group's
-    # scales/zeros by cp.async into the other half of a 2-group shared buffer
+    # the key group after the current one: scales/zeros by cp.async into the other half of a 2-group
+    # shared buffer
     CPL: gl.constexpr = _kz_copy_layout(NW, CPW)
     cp_off = (gl.expand_dims(gl.arange(0, NW, gl.SliceLayout(1, CPL)) * CPW, 1)
               + gl.expand_dims(gl.arange(0, CPW, gl.SliceLayout(0, CPL)), 0))
@@ -548,34 +577,47 @@ def _kvpass_decode_mma(
     kz_smem = gl.allocate_shared_memory(gl.float16, [2, NW, CPW], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     VSI = VS.to(gl.pointer_type(gl.int16), bitcast=True)   # value scales/zeros: 16-bit loads, int32 registers
     VZI = VZ.to(gl.pointer_type(gl.int16), bitcast=True)
-    # full steps in the loop (no masks; each prefetches the next full step), the last full step
-    # after it, then the split's partial last step, if any, with masks
+    # full steps, software-pipelined: iteration t computes the scores of step t + 32 (key dequant and
+    # MMA) while it runs the softmax and the value MMA of step t, so the two chains interleave; its
+    # loads fetch the keys of t + 64 (clamped to the last full step) and the values of t + 32. Then
+    # the last full step's values, then the split's partial last step, if any, with masks.
     t_full = start + (end - start) // 32 * 32
-    kw_n, vw_n, vs_n, vz_n = _step_loads(kp, vp, VSI, VZI, vsp, start, kt, vt, end, True)
     g0 = start // GROUP_SIZE
     _group_copy(ks_smem.index(g0 % 2), kz_smem.index(g0 % 2), KS, KZ, ks_base, g0, cp_off, start < end, HEAD_DIM)
-    for t0 in range(start, t_full - 32, 32):
-        kw = kw_n
-        vw = vw_n
-        vs_c = vs_n
-        vz_c = vz_n
-        kp += 32 * NW
-        vp += 32 * NW
-        vsp += 32 * NG
-        kw_n, vw_n, vs_n, vz_n = _step_loads(kp, vp, VSI, VZI, vsp, t0 + 32, kt, vt, end, False)
-        m_i, acc, l_i = _quantized_step(kw, vw, vs_c, vz_c, ks_smem, kz_smem, KS, KZ, ks_base, cp_off, q16, qk_keys,
-                                        m_i, acc, l_i, t0, end, BITS, GROUP_SIZE, HEAD_DIM, FOLD, WK, False)
     if t_full > start:
-        m_i, acc, l_i = _quantized_step(kw_n, vw_n, vs_n, vz_n, ks_smem, kz_smem, KS, KZ, ks_base, cp_off, q16,
-                                        qk_keys, m_i, acc, l_i, t_full - 32, end, BITS, GROUP_SIZE, HEAD_DIM, FOLD,
-                                        WK, False)
-        kp += 32 * NW
+        kw = _key_loads(kp, start, kt, end, False)
+        vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, start, vt, end, False)
+        kp_last = kp + (t_full - start - 32) * NW                  # the last full step's keys
+        kp = gl.where(start + 32 < t_full, kp + 32 * NW, kp_last)
+        kw_n = _key_loads(kp, start, kt, end, False)
+        _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, start, end, GROUP_SIZE, HEAD_DIM)
+        s_c = _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, start, BITS, GROUP_SIZE, FOLD, WK)
+        mb_c = gl.max(s_c, axis=0)
+        for t0 in range(start, t_full - 32, 32):
+            _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t0 + 32, end, GROUP_SIZE, HEAD_DIM)
+            m_i, acc, l_i = _step_values(s_c, mb_c, vw, vs_c, vz_c, m_i, acc, l_i, BITS, FOLD)
+            s_c = _step_scores(kw_n, ks_smem, kz_smem, q16, qk_keys, t0 + 32, BITS, GROUP_SIZE, FOLD, WK)
+            mb_c = gl.max(s_c, axis=0)
+            kp = gl.where(t0 + 64 < t_full, kp + 32 * NW, kp_last)
+            vp += 32 * NW
+            vsp += 32 * NG
+            kw_nn = _key_loads(kp, t0, kt, end, False)
+            vw_n, vs_n, vz_n = _value_loads(vp, VSI, VZI, vsp, t0, vt, end, False)
+            kw_n = kw_nn
+            vw = vw_n
+            vs_c = vs_n
+            vz_c = vz_n
+        m_i, acc, l_i = _step_values(s_c, mb_c, vw, vs_c, vz_c, m_i, acc, l_i, BITS, FOLD)
+        kp = kp_last + 32 * NW
         vp += 32 * NW
         vsp += 32 * NG
     if t_full < end:
-        kw, vw, vs_c, vz_c = _step_loads(kp, vp, VSI, VZI, vsp, t_full, kt, vt, end, True)
-        m_i, acc, l_i = _quantized_step(kw, vw, vs_c, vz_c, ks_smem, kz_smem, KS, KZ, ks_base, cp_off, q16, qk_keys,
-                                        m_i, acc, l_i, t_full, end, BITS, GROUP_SIZE, HEAD_DIM, FOLD, WK, True)
+        kw = _key_loads(kp, t_full, kt, end, True)
+        vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, t_full, vt, end, True)
+        _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t_full, end, GROUP_SIZE, HEAD_DIM)
+        s = _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, t_full, BITS, GROUP_SIZE, FOLD, WK)
+        s = gl.where(gl.expand_dims(t_full + st < end, 1), s, float("-inf"))
+        m_i, acc, l_i = _step_values(s, gl.max(s, axis=0), vw, vs_c, vz_c, m_i, acc, l_i, BITS, FOLD)
     async_copy.wait_group(0)
 
     # q again for the window (model dtype, as its keys), after the loop: not live across it
