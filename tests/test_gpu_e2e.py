@@ -31,14 +31,17 @@ def _model(name):
     return getattr(transformers, cls_name)(cfg).eval()
 
 
-def _generate(model, device, inner, cache, **compile_kw):
+def _generate(model, device, inner, cache, auto_compile=True, **compile_kw):
+    """Greedy generation through a model compiled in place with kvpass. auto_compile False passes
+    disable_compile=True: transformers then does not wrap the forward in its own torch.compile (it
+    does for static caches on CUDA; tests/test_generate_autocompile.py checks that this keeps kvpass)."""
     ids = torch.randint(1, 97, (1, 100), generator=torch.Generator().manual_seed(1)).to(device)
     model = model.to(device)
     b = kvpass.backend(bits=2, group_size=32, residual_length=32, inner=inner)
     model.compile(backend=b, **compile_kw)
     kw = dict(GEN, cache_implementation="static") if cache == "static" else GEN
-    if compile_kw:
-        kw["disable_compile"] = True  # generate's own auto-compile must not wrap the model again
+    if not auto_compile:
+        kw["disable_compile"] = True
     out = model.generate(ids, **kw)
     assert kvpass.explain(b).rewritten == model.config.num_hidden_layers
     return out
@@ -93,16 +96,18 @@ def test_inductor_code_calls_kvpass_ops():
     assert "torch.ops.kvpass.attention.default" in code, code[:2000]
 
 
+@pytest.mark.parametrize("auto_compile", [False, True])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_gpu_reduce_overhead_replays_decode_steps(name):
+def test_gpu_reduce_overhead_replays_decode_steps(name, auto_compile):
     """mode="reduce-overhead" with a static cache: the stores keep their lengths on the device and
-    kvpass's CudaGraphRunner replays the decode steps; tokens and logits equal the CPU reference."""
+    kvpass's CudaGraphRunner replays the decode steps; tokens and logits equal the CPU reference,
+    with and without generate()'s own compile around the model."""
     from kvpass import cudagraph
 
     ref = _generate(_model(name), "cpu", "eager", "static")
     torch._dynamo.reset()
     before = cudagraph.total_replays()
-    got = _generate(_model(name), "cuda", "inductor", "static", mode="reduce-overhead")
+    got = _generate(_model(name), "cuda", "inductor", "static", auto_compile, mode="reduce-overhead")
     replays = cudagraph.total_replays() - before
     assert replays >= GEN["max_new_tokens"] - 4, f"only {replays} CUDA-graph replays"
     assert torch.equal(ref.sequences, got.sequences.cpu())
