@@ -12,6 +12,7 @@ Prints one line per shape: tag, shape, bits, group, lengths mode, microseconds p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -106,6 +107,8 @@ def main():
                     help="the Gluon tensor-core kernel (DecodeConfig.use_mma) with this min_groups_per_split; "
                          "its max deviation from the default config is printed too")
     ap.add_argument("--max-regs", type=int, default=0, help="(with --mma) DecodeConfig.max_regs")
+    ap.add_argument("--no-mma", action="store_true",
+                    help="the default config with use_mma off (the Triton kernel a GQA call falls back to)")
     ap.add_argument("--kernel", default=None, help="path of another decode_attention.py to time instead")
     args = ap.parse_args()
     if args.kernel:
@@ -122,6 +125,9 @@ def main():
         kv_len = T + 64
         cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=args.mma,
                               max_regs=args.max_regs) if args.mma else None
+        if args.no_mma:
+            spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
+            cfg = dataclasses.replace(da.default_config_for(spec, B), use_mma=False)
         dev = ""
         if cfg is not None:
             ref = da.decode_attention_store(q, stores[0], kv_len=kv_len).float()

@@ -68,19 +68,21 @@ def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: 
                                                                                maxnreg=maxnreg))
 
 
-def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnreg: int | None = None):
+def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnreg: int | None = None,
+                host_lengths: bool = False):
     """The Gluon kernel `_kvpass_decode_mma` compiled for sm_90 as `decode_attention_mma` launches it
-    (one warp, pointers and strides % 16 except the runtime lengths and qk_scale)."""
+    (one warp, pointers and strides % 16 except the runtime lengths and qk_scale; device lengths
+    unless host_lengths)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from kvpass.templates import decode_mma
     fn = decode_mma._kvpass_decode_mma
     names = list(fn.arg_names)
-    const = dict(BITS=bits, GROUP_SIZE=group, HEAD_DIM=128, REP=rep)
+    const = dict(BITS=bits, GROUP_SIZE=group, HEAD_DIM=128, REP=rep, HOST_LENS=host_lengths)
     ptr = dict(Q=f"*{dtype}", KC="*i32", KS="*fp16", KZ="*fp16", VC="*i32", VS="*fp16", VZ="*fp16", RK=f"*{dtype}",
                RV=f"*{dtype}", OP="*fp32", OM="*fp32", OL="*fp32", LENS="*i32")
     sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in const and n not in ("KV_LEN", "NUM_SPLITS_RT", "qk_scale")}
+             if n not in const and n not in ("KV_LEN", "NUM_SPLITS_RT", "LQ_HOST", "L_HOST", "qk_scale")}
     src = GluonASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
     opts = dict(num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)

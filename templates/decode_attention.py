@@ -1218,11 +1218,12 @@ def decode_attention(
             _log_once(f"kvpass decode: DecodeConfig.use_mma set but Gluon is not importable ({e}); "
                       "using the Triton kernel")
         if decode_mma is not None:
-            why_not = decode_mma.mma_unsupported(spec, attn_mask, lengths, q)
+            why_not = decode_mma.mma_unsupported(spec, attn_mask, lengths, q, Lq)
             if why_not is None:
                 return decode_mma.decode_attention_mma(
                     q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, kv_len=kv_len,
-                    key_bits=key_bits, group_size=group_size, sm_scale=sm_scale, config=cfg, out=out)
+                    key_bits=key_bits, group_size=group_size, sm_scale=sm_scale, config=cfg, out=out,
+                    host_lengths=(Lq, L))
             decode_mma.log_fallback(why_not)
     G = group_size
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale

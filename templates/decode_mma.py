@@ -1,7 +1,8 @@
-"""GQA decode attention on tensor cores with explicit register layouts (Gluon), for the CUDA-graph
-decode path (device lengths). Experimental: GPU only (Gluon has no interpreter), checked against
-the reference by tests/test_decode_mma.py on the device; `decode_attention` uses it only when
-`DecodeConfig.use_mma` is set and `mma_supported` accepts the call.
+"""GQA decode attention on tensor cores with explicit register layouts (Gluon), for decode steps
+with device lengths (the CUDA-graph path) or host lengths (eager steps, dynamic caches). GPU only
+(Gluon has no interpreter), checked against the reference by tests/test_decode_mma.py on the
+device; `decode_attention` uses it when `DecodeConfig.use_mma` is set (the GQA default) and
+`mma_unsupported` accepts the call (no mask, head_dim 128, ...), else the Triton kernel with a log line.
 
 Why: the Triton tensor-core variant (`_kvpass_decode_dot`) spends ~1450 thread-instructions per
 token and KV head (SASS, 2-bit G32, 4 query heads): Triton stages the unpacked codes through shared
@@ -509,16 +510,18 @@ def _step_values(s, m_blk, vw, vs_n, vz_n, m_i, acc, l_i, BITS: gl.constexpr, FO
     return m_i, acc, l_i
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["LQ_HOST", "L_HOST"])
 def _kvpass_decode_mma(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, OP, OM, OL, LENS,
     s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh,
-    KV_LEN, NUM_SPLITS_RT, qk_scale,
+    KV_LEN, NUM_SPLITS_RT, LQ_HOST, L_HOST, qk_scale,
     BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, REP: gl.constexpr,
+    HOST_LENS: gl.constexpr,
 ):
     """Constexprs: BITS (2, 4), GROUP_SIZE (32, 64, 128: one group per 32-token step or a multiple),
-    HEAD_DIM (128), REP (2..8). Grid (splits, Hkv, B), one warp. Writes the split's (acc, m, l) for
-    `_kvpass_decode_reduce`, as `_kvpass_decode_dot` does with device lengths and no mask."""
+    HEAD_DIM (128), REP (2..8), HOST_LENS (Lq, L from LQ_HOST, L_HOST instead of LENS[0], LENS[1]).
+    Grid (splits, Hkv, B), one warp. Writes the split's (acc, m, l) for `_kvpass_decode_reduce`, as
+    `_kvpass_decode_dot` does with no mask."""
     gl.static_assert(BITS == 2 or BITS == 4, "BITS must be 2 or 4")
     gl.static_assert(HEAD_DIM == 128, "HEAD_DIM must be 128")
     gl.static_assert(REP >= 2 and REP <= 8, "REP (query heads per KV head) must be 2..8")
@@ -550,8 +553,12 @@ def _kvpass_decode_mma(
     l_i = _lane_rows(gl.zeros([32, 8], gl.float32, MMA))          # per-lane partials until the end
     acc = gl.zeros([128, 8], gl.float32, MMA)
 
-    Lq = gl.minimum(gl.load(LENS), KV_LEN)
-    L = gl.minimum(gl.load(LENS + 1), KV_LEN)
+    if HOST_LENS:
+        Lq = gl.minimum(LQ_HOST, KV_LEN)
+        L = gl.minimum(L_HOST, KV_LEN)
+    else:
+        Lq = gl.minimum(gl.load(LENS), KV_LEN)
+        L = gl.minimum(gl.load(LENS + 1), KV_LEN)
     chunk = gl.maximum(gl.cdiv(Lq, NUM_SPLITS_RT * STEP), 1) * STEP
     start = pid_s * chunk
     end = gl.maximum(gl.minimum(start + chunk, Lq), start)   # >= start: a split past Lq has no steps (no tail)
@@ -673,15 +680,16 @@ def _kvpass_decode_mma(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
-def mma_unsupported(spec, attn_mask, lengths, q) -> str | None:
-    """Why this call cannot use the Gluon kernel (None: it can)."""
+def mma_unsupported(spec, attn_mask, lengths, q, quantized_length=None) -> str | None:
+    """Why this call cannot use the Gluon kernel (None: it can). quantized_length: Lq of a
+    host-lengths call (lengths None)."""
     import os
     if os.environ.get("TRITON_INTERPRET") == "1" or q.device.type != "cuda":
         return "needs a CUDA device (Gluon kernels have no interpreter)"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return "needs compute capability >= 8.0 (mma.sync m16n8k16)"
-    if lengths is None:
-        return "needs device lengths"
+    if lengths is None and quantized_length % spec.group_size:
+        return f"needs whole key groups, got {quantized_length} quantized tokens for group size {spec.group_size}"
     if attn_mask is not None:
         return "takes no attention mask"
     if spec.key_bits != spec.value_bits or spec.key_bits not in (2, 4):
@@ -703,9 +711,10 @@ def log_fallback(why: str) -> None:
 
 
 def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, *,
-                         kv_len, key_bits, group_size, sm_scale, config, out=None):
-    """`decode_attention` (device lengths, no mask) through `_kvpass_decode_mma` + the split reduce.
-    Buffers as `decode_attention` documents them."""
+                         kv_len, key_bits, group_size, sm_scale, config, out=None, host_lengths=(0, 0)):
+    """`decode_attention` (no mask) through `_kvpass_decode_mma` + the split reduce. Buffers and the
+    two length modes as `decode_attention` documents them: device `lengths`, or (lengths None)
+    host_lengths = (Lq, L), then the splits follow Lq instead of the capacity kv_len."""
     from kvpass.templates import decode_attention as da
     B, Hq, _, D = q.shape
     H = res_k.shape[1]
@@ -716,18 +725,23 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, rs = da.kernel_buffers(
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, quantized,
         torch.empty(1, 1, 1, 1, dtype=torch.float16, device=q.device))
-    S = da.plan_splits(B * H, kv_len, step, False, config, q.device, resident_per_sm(config.max_regs))[0]
+    host = lengths is None
+    # the parts' batch/head strides; 0 for the never-read placeholders of an empty quantized part
+    # (their strides of 1 would specialize the kernel differently from every other launch)
+    part_strides = ((kc.stride(0), kc.stride(1), k_scale.stride(0), k_scale.stride(1),
+                     vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1)) if quantized else (0,) * 8)
+    S = da.plan_splits(B * H, host_lengths[0] if host else kv_len, step, False, config, q.device,
+                       resident_per_sm(config.max_regs))[0]
     if out is None:
         out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
     op = torch.empty(B * Hq * S, D, dtype=torch.float32, device=q.device)
     om = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
     ol = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
     _kvpass_decode_mma[(S, H, B)](
-        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, op, om, ol, lengths,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), k_scale.stride(0), k_scale.stride(1),
-        vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1), rs[0], rs[1],
-        kv_len, S, sm_scale * da.LOG2E,
-        BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, num_warps=1,
+        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, op, om, ol, q if host else lengths,
+        q.stride(0), q.stride(1), *part_strides, rs[0], rs[1],
+        kv_len, S, host_lengths[0], host_lengths[1], sm_scale * da.LOG2E,
+        BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, HOST_LENS=host, num_warps=1,
         **({"maxnreg": config.max_regs} if config.max_regs else {}))
     da._kvpass_decode_reduce[(B * Hq,)](op, om, ol, out, S, HEAD_DIM=D, D_PAD=D,
                                         S_BLOCK=min(64, max(2, da._next_pow2(S))), num_warps=4)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_decode_device_lengths import _assert_close_to_golden, _device_call, _exact_store  # noqa: E402 (sets
+from test_decode_device_lengths import _assert_close_to_golden, _device_call, _exact_store, _host_mode  # noqa: E402 (sets
 from test_kernels import _q  # noqa: E402                                 TRITON_INTERPRET on CPU)
 
 from kvpass.templates import decode_attention as da  # noqa: E402
@@ -41,6 +41,47 @@ def test_mma_matches_golden(case):
     q = _q(B, H * rep, D, dtype, seed)
     cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=mgs)
     out = _device_call(q, st, kv_len, None, cfg, seed=seed)
+    _assert_close_to_golden(out, q, st, None, kv_len, da.DecodeConfig(use_dot=True, pad_heads=1))
+
+
+@pytest.fixture
+def mma_launches(monkeypatch):
+    """Counts launches of the Gluon kernel's launcher (a fallback to the Triton kernel adds none)."""
+    from kvpass.templates import decode_mma
+
+    calls = []
+    real = decode_mma.decode_attention_mma
+
+    def counting(*args, **kw):
+        calls.append(kw.get("host_lengths"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(decode_mma, "decode_attention_mma", counting)
+    return calls
+
+
+# (bits, G, dtype, rep, Lq, L, kv_len): host lengths, the window exactly [Lq, L), zeros past L
+HOST_CASES = {
+    "b2_g32_bf16": (2, 32, BF16, 4, 640, 700, 700),
+    "b4_g64_fp16_tail": (4, 64, FP16, 2, 256, 300, 340),
+    "b2_g128_rep8": (2, 128, BF16, 8, 1024, 1025, 1025),
+    "lq0": (2, 32, BF16, 4, 0, 50, 50),
+}
+
+
+@gpu_only
+@pytest.mark.parametrize("case", list(HOST_CASES))
+def test_mma_host_lengths_match_golden(case, mma_launches):
+    """Host lengths (the eager / dynamic-cache decode path): the Gluon kernel runs on (Lq, L) passed
+    as launch arguments, with the splits planned for Lq."""
+    bits, G, dtype, rep, Lq, L, kv_len = HOST_CASES[case]
+    B, H, D = 2, 2, 128
+    seed = sum(map(ord, case))
+    st = _exact_store(B, H, D, Lq, L, bits, bits, G, dtype, seed)
+    q = _q(B, H * rep, D, dtype, seed)
+    cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=1)
+    out = _host_mode(q, st, kv_len, None, cfg)
+    assert mma_launches == [(Lq, L)], "the Gluon kernel did not run"
     _assert_close_to_golden(out, q, st, None, kv_len, da.DecodeConfig(use_dot=True, pad_heads=1))
 
 
