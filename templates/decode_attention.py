@@ -463,17 +463,21 @@ def _lazy_softmax_heads(s, m_i, acc, l_i):
 
 
 @triton.jit
-def _window_step_rows(rk_base, rv_base, r, in_res, tok, tok_ok, q, v_high, m, acc, accz, l_r, MASK, mask_row, s_mk,
-                      HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
-    """One step of the rows variant over full-precision window rows r (tokens tok; rows with
-    in_res False read zeros, tokens with tok_ok False are not attended): keys and values are
-    loaded together (one round trip per step), values scaled by v_high into the accumulator's
-    code scale."""
-    D_PAD: tl.constexpr = q.shape[0]
+def _window_loads_rows(rk_base, rv_base, r, in_res, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Keys and values [rows, D_PAD] of full-precision window rows r (rows with in_res False read zeros)."""
     d = tl.arange(0, D_PAD)
     ld_mask = in_res[:, None] & (d < HEAD_DIM)[None, :]
     k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0)
     v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _window_math_rows(k, v, tok, tok_ok, q, v_high, m, acc, accz, l_r, MASK, mask_row, s_mk,
+                      GROUP_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
+    """One step of the rows variant over loaded window rows k, v (`_window_loads_rows`; tokens tok,
+    those with tok_ok False not attended), values scaled by v_high into the accumulator's code scale."""
+    D_PAD: tl.constexpr = q.shape[0]
     s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
     s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
     s = tl.where(tok_ok, s, float("-inf"))
@@ -481,6 +485,18 @@ def _window_step_rows(rk_base, rv_base, r, in_res, tok, tok_ok, q, v_high, m, ac
     l_r += p
     acc += p[:, None, None] * tl.reshape(v.to(tl.float32) * v_high[None, :], (s.shape[0], D_PAD // GROUP_SIZE, GROUP_SIZE))
     return m, acc, accz, l_r
+
+
+@triton.jit
+def _window_step_rows(rk_base, rv_base, r, in_res, tok, tok_ok, q, v_high, m, acc, accz, l_r, MASK, mask_row, s_mk,
+                      HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
+    """One step of the rows variant over full-precision window rows r (tokens tok; rows with
+    in_res False read zeros, tokens with tok_ok False are not attended): keys and values are
+    loaded together (one round trip per step), values scaled by v_high into the accumulator's
+    code scale."""
+    k, v = _window_loads_rows(rk_base, rv_base, r, in_res, HEAD_DIM, q.shape[0])
+    return _window_math_rows(k, v, tok, tok_ok, q, v_high, m, acc, accz, l_r, MASK, mask_row, s_mk, GROUP_SIZE,
+                             MASK_KIND)
 
 
 @triton.jit
@@ -689,11 +705,16 @@ def _kvpass_decode_rows(
         rk_base = RK + pid_b * s_rb + pid_h * s_rh
         rv_base = RV + pid_b * s_rb + pid_h * s_rh
         nw, n_mine = _window_rows(Lq, L, pid_s, NUM_SPLITS_RT)
+        # one step ahead: a step's rows are loaded before the previous step's math (one memory
+        # round trip for a split's whole window share instead of one per step)
+        r = pid_s + wrows * NUM_SPLITS_RT
+        k_n, v_n = _window_loads_rows(rk_base, rv_base, r, r < nw, HEAD_DIM, D_PAD)
         for j0 in range(0, n_mine, HALF):
-            r = pid_s + (j0 + wrows) * NUM_SPLITS_RT
-            in_res = r < nw
-            m, acc, accz, l_r = _window_step_rows(rk_base, rv_base, r, in_res, Lq + r, in_res, q, v_high, m, acc, accz,
-                                                  l_r, MASK, mask_row, s_mk, HEAD_DIM, GROUP_SIZE, MASK_KIND)
+            k_c, v_c, r_c = k_n, v_n, r
+            r = r + HALF * NUM_SPLITS_RT
+            k_n, v_n = _window_loads_rows(rk_base, rv_base, r, r < nw, HEAD_DIM, D_PAD)
+            m, acc, accz, l_r = _window_math_rows(k_c, v_c, Lq + r_c, r_c < nw, q, v_high, m, acc, accz, l_r, MASK,
+                                                  mask_row, s_mk, GROUP_SIZE, MASK_KIND)
         t_start, t_end = _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT)
         if MASK_KIND == 0:   # score 0, value 0: closed form
             m, acc, accz, l_r = _zero_tail_rows(t_end - t_start, m, acc, accz, l_r, wrows)
