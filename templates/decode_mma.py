@@ -608,12 +608,8 @@ def _kvpass_decode_mma(
             kp = gl.where(t0 + 64 < t_full, kp + 32 * NW, kp_last)
             vp += 32 * NW
             vsp += 32 * NG
-            kw_nn = _key_loads(kp, t0, kt, end, False)
-            vw_n, vs_n, vz_n = _value_loads(vp, VSI, VZI, vsp, t0, vt, end, False)
-            kw_n = kw_nn
-            vw = vw_n
-            vs_c = vs_n
-            vz_c = vz_n
+            kw_n = _key_loads(kp, t0, kt, end, False)
+            vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, t0, vt, end, False)
         m_i, acc, l_i = _step_values(s_c, mb_c, vw, vs_c, vz_c, m_i, acc, l_i, BITS, FOLD)
         kp = kp_last + 32 * NW
         vp += 32 * NW
