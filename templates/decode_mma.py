@@ -188,15 +188,6 @@ def _word_layout_v(nwt):
 
 
 @gluon.constexpr_function
-def _vec_layout():
-    """[4 r, 32 j] per-channel vectors (q rows, key scales): lane 4g + r holds the 32 channels
-    [32r, 32r + 32) in registers (vector loads), the same for every g."""
-    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]],
-                                      lane_bases=[[1, 0], [2, 0], [0, 0], [0, 0], [0, 0]],
-                                      warp_bases=[], block_bases=[], shape=[4, 32])
-
-
-@gluon.constexpr_function
 def _q_layout():
     """[8 heads, 4 r, 32 j]: lane 4g + r holds head g's channels [32r, 32r + 32)."""
     return gl.DistributedLinearLayout(reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 0, 16]],
