@@ -171,6 +171,7 @@ def main():
     ap.add_argument("--separate-reduce", action="store_true", help="the reduce in a launch of its own (no fused epilogue)")
     ap.add_argument("--device-lengths", action="store_true", help="the LENGTHS_ON_DEVICE specialization")
     ap.add_argument("--single", action="store_true", help="the one-split specialization (SINGLE)")
+    ap.add_argument("--host-lengths", action="store_true", help="(mma) the HOST_LENS specialization")
     ap.add_argument("--stages", type=int, default=2, help="num_stages")
     ap.add_argument("--hb", type=int, default=4, help="(dot) query rows per program: 4 is GQA 32/8 unpadded (pad_heads=1)")
     ap.add_argument("--rep", type=int, default=None, help="query heads per KV head (default: 1 for rows, --hb for dot)")
@@ -188,9 +189,10 @@ def main():
     from benchmarks.ab_decode import use_variant
     use_variant(a.old_reduce, a.reduce_block)
     if a.variant == "mma":
-        k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg)
+        k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg, a.host_lengths)
         report, sass = sass_report(k)
-        print(f"mma b{a.bits} g{a.group} rep {a.rep or 4} {a.dtype}: {report}")
+        lens = "host" if a.host_lengths else "device"
+        print(f"mma b{a.bits} g{a.group} rep {a.rep or 4} {a.dtype} {lens} lengths: {report}")
     else:
         k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm,
                            not a.separate_reduce, a.device_lengths, a.single, a.stages, a.maxnreg, a.hb, a.rep)

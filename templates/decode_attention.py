@@ -1239,7 +1239,7 @@ def decode_attention(
             _log_once(f"kvpass decode: DecodeConfig.use_mma set but Gluon is not importable ({e}); "
                       "using the Triton kernel")
         if decode_mma is not None:
-            why_not = decode_mma.mma_unsupported(spec, attn_mask, lengths, q, Lq)
+            why_not = decode_mma.mma_unsupported(spec, attn_mask, lengths, q, Lq, (k_codes, v_codes))
             if why_not is None:
                 return decode_mma.decode_attention_mma(
                     q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, kv_len=kv_len,

@@ -147,10 +147,61 @@ def _kz_pair_asm(bits: int, fold: bool) -> str:
     return "\n".join(lines)
 
 
+def _lane_loads_asm(kind: str, bits: int, ng: int) -> tuple[str, str, int]:
+    """PTX loading all elements that one lane holds of a step's key words ("k", `_word_layout_k`),
+    value words ("v", `_word_layout_v`) or value scales/zeros ("s", same layout, zero-extended to 32
+    bits), from the address of the lane's first element plus immediate offsets: one 64-bit address
+    per lane and tensor instead of one per element (Triton computes and carries one per element;
+    ~40 instructions per step). Returns (asm, constraints, pack = elements per lane). Lane 4g + r:
+        k: tokens g + 8i (i < 4), words [r * nwt, (r + 1) * nwt): element i * nwt + w, one vector load per i
+        v, s: words (g * nwt + w) of tokens 2r + j + 8i: element k = i * 2 * nwt + w * 2 + j
+           (2-bit nwt = 1, 4-bit nwt = 2; s: the words of a lane share one group, so w = 1 copies w = 0)."""
+    nw = 128 * bits // 32                     # words per token
+    lines = ["{"]
+    if kind == "k":
+        nwt = nw // 4
+        n = 4 * nwt
+        vec = "" if nwt == 1 else f".v{nwt}"
+        for i in range(4):
+            regs = ", ".join(f"${i * nwt + w}" for w in range(nwt))
+            lines.append(f"ld.global{vec}.b32 {{{regs}}}, [${n}+{8 * i * nw * 4}];")
+    else:
+        nwt = 1 if bits == 2 else 2
+        n = 8 * nwt
+        for i in range(4):
+            for j in range(2):
+                k0 = i * 2 * nwt + j
+                if kind == "s":
+                    lines.append(f"ld.global.u16 ${k0}, [${n}+{(j + 8 * i) * ng * 2}];")
+                    lines += [f"mov.b32 ${k0 + 2 * w}, ${k0};" for w in range(1, nwt)]
+                else:
+                    regs = ", ".join(f"${k0 + 2 * w}" for w in range(nwt))
+                    vec = "" if nwt == 1 else f".v{nwt}"
+                    lines.append(f"ld.global{vec}.b32 {{{regs}}}, [${n}+{(j + 8 * i) * nw * 4}];")
+    lines.append("}")
+    return "\n".join(lines), ",".join(["=r"] * n + ["l"] * n), n
+
+
 _V_ASM = {(bits, fold): _v_pair_asm(bits, fold) for bits in (2, 4) for fold in (False, True)}
 _K_ASM = {(bits, fold): _k_word_asm(bits, fold) for bits in (2, 4) for fold in (False, True)}
 _KZ_ASM = {(bits, fold): _kz_pair_asm(bits, fold) for bits in (2, 4) for fold in (False, True)}
 _ASM = {"k": _K_ASM, "v": _V_ASM}
+_LANE_LOADS = {(kind, bits, ng): _lane_loads_asm(kind, bits, ng) for kind in "kvs" for bits in (2, 4) for ng in (1, 2, 4)}
+
+
+@gluon.constexpr_function
+def _loads_asm(kind, bits, ng):
+    return _LANE_LOADS[(kind, bits, ng)][0]
+
+
+@gluon.constexpr_function
+def _loads_constraints(kind, bits, ng):
+    return _LANE_LOADS[(kind, bits, ng)][1]
+
+
+@gluon.constexpr_function
+def _loads_pack(kind, bits, ng):
+    return _LANE_LOADS[(kind, bits, ng)][2]
 
 
 @gluon.constexpr_function
@@ -423,16 +474,25 @@ def _lazy_softmax(s, m_i, acc, l_part):
 
 
 @gluon.jit
-def _key_loads(kp, t, kt, end, MASKED: gl.constexpr):
+def _lane_loads(ptrs, KIND: gl.constexpr, BITS: gl.constexpr, NG: gl.constexpr):
+    """The elements of `ptrs` (a step's key words, value words or value scales/zeros) as int32, by
+    `_lane_loads_asm`: one asm per lane (`pack` covers all its elements; only the first pointer is
+    read, so ptxas drops the others)."""
+    return gl.inline_asm_elementwise(_loads_asm(KIND, BITS, NG), _loads_constraints(KIND, BITS, NG), [ptrs],
+                                     dtype=gl.int32, is_pure=True, pack=_loads_pack(KIND, BITS, NG))
+
+
+@gluon.jit
+def _key_loads(kp, t, kt, end, MASKED: gl.constexpr, BITS: gl.constexpr):
     """Key words [32 tok, NW] of the 32-token step at t (MASKED: tokens at or past `end` read zeros)."""
     if MASKED:
         return gl.load(kp, mask=gl.expand_dims(t + kt < end, 1), other=0)
     else:
-        return gl.load(kp)
+        return _lane_loads(kp, "k", BITS, 1)
 
 
 @gluon.jit
-def _value_loads(vp, VSI, VZI, vsp, t, vt, end, MASKED: gl.constexpr):
+def _value_loads(vp, VSI, VZI, vsp, t, vt, end, MASKED: gl.constexpr, BITS: gl.constexpr, NG: gl.constexpr):
     """Value words [NW, 32 tok] of the step at t and its value scales/zeros as zero-extended int32
     (fp16 halves would be packed in pairs right at the load, which waits for it and undoes the
     prefetch). MASKED: tokens at or past `end` read zeros."""
@@ -441,7 +501,7 @@ def _value_loads(vp, VSI, VZI, vsp, t, vt, end, MASKED: gl.constexpr):
         return (gl.load(vp, mask=vmask, other=0), gl.load(VSI + vsp, mask=vmask, other=0).to(gl.int32),
                 gl.load(VZI + vsp, mask=vmask, other=0).to(gl.int32))
     else:
-        return gl.load(vp), gl.load(VSI + vsp).to(gl.int32), gl.load(VZI + vsp).to(gl.int32)
+        return _lane_loads(vp, "v", BITS, 1), _lane_loads(VSI + vsp, "s", BITS, NG), _lane_loads(VZI + vsp, "s", BITS, NG)
 
 
 @gluon.jit
@@ -583,11 +643,11 @@ def _kvpass_decode_mma(
     g0 = start // GROUP_SIZE
     _group_copy(ks_smem.index(g0 % 2), kz_smem.index(g0 % 2), KS, KZ, ks_base, g0, cp_off, start < end, HEAD_DIM)
     if t_full > start:
-        kw = _key_loads(kp, start, kt, end, False)
-        vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, start, vt, end, False)
+        kw = _key_loads(kp, start, kt, end, False, BITS)
+        vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, start, vt, end, False, BITS, NG)
         kp_last = kp + (t_full - start - 32) * NW                  # the last full step's keys
         kp = gl.where(start + 32 < t_full, kp + 32 * NW, kp_last)
-        kw_n = _key_loads(kp, start, kt, end, False)
+        kw_n = _key_loads(kp, start, kt, end, False, BITS)
         _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, start, end, GROUP_SIZE, HEAD_DIM)
         s_c = _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, start, BITS, GROUP_SIZE, FOLD, WK)
         mb_c = gl.max(s_c, axis=0)
@@ -599,15 +659,16 @@ def _kvpass_decode_mma(
             kp = gl.where(t0 + 64 < t_full, kp + 32 * NW, kp_last)
             vp += 32 * NW
             vsp += 32 * NG
-            kw_n = _key_loads(kp, t0, kt, end, False)
-            vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, t0, vt, end, False)
+            kw_n = _key_loads(kp, t0, kt, end, False, BITS)
+            vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, t0, vt, end, False, BITS, NG)
         m_i, acc, l_i = _step_values(s_c, mb_c, vw, vs_c, vz_c, m_i, acc, l_i, BITS, FOLD)
-        kp = kp_last + 32 * NW
-        vp += 32 * NW
-        vsp += 32 * NG
     if t_full < end:
-        kw = _key_loads(kp, t_full, kt, end, True)
-        vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, t_full, vt, end, True)
+        # pointers rebuilt at t_full: the loop carries only each lane's first element (`_lane_loads`)
+        kp = kc_base + gl.expand_dims(t_full + kt, 1) * NW + gl.expand_dims(kwi, 0)
+        vp = vc_base + gl.expand_dims(t_full + vt, 0) * NW + gl.expand_dims(vwi, 1)
+        vsp = vs_base + gl.expand_dims(t_full + vt, 0) * NG + gl.expand_dims((vwi * CPW) // GROUP_SIZE, 1)
+        kw = _key_loads(kp, t_full, kt, end, True, BITS)
+        vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, t_full, vt, end, True, BITS, NG)
         _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t_full, end, GROUP_SIZE, HEAD_DIM)
         s = _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, t_full, BITS, GROUP_SIZE, FOLD, WK)
         s = gl.where(gl.expand_dims(t_full + st < end, 1), s, float("-inf"))
@@ -667,9 +728,10 @@ def _kvpass_decode_mma(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
-def mma_unsupported(spec, attn_mask, lengths, q, quantized_length=None) -> str | None:
+def mma_unsupported(spec, attn_mask, lengths, q, quantized_length=None, codes=()) -> str | None:
     """Why this call cannot use the Gluon kernel (None: it can). quantized_length: Lq of a
-    host-lengths call (lengths None)."""
+    host-lengths call (lengths None); codes: the key and value code buffers (their rows' vector
+    loads, `_lane_loads_asm`, need 16-byte aligned batch/head rows; the store's buffers always are)."""
     import os
     if os.environ.get("TRITON_INTERPRET") == "1" or q.device.type != "cuda":
         return "needs a CUDA device (Gluon kernels have no interpreter)"
@@ -689,6 +751,10 @@ def mma_unsupported(spec, attn_mask, lengths, q, quantized_length=None) -> str |
         return f"needs 2..8 query heads per KV head, got {spec.rep}"
     if spec.dtype not in (torch.float16, torch.bfloat16):
         return f"needs an fp16/bf16 model, got {spec.dtype}"
+    for t in codes:
+        if t.numel() and (t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:2])):
+            return (f"needs 16-byte aligned code rows, got data_ptr % 16 = {t.data_ptr() % 16} and strides "
+                    f"{tuple(t.stride())} ({t.dtype})")
     return None
 
 

@@ -99,6 +99,27 @@ def test_mma_falls_back_with_a_log_line(caplog):
 
 
 @gpu_only
+def test_mma_falls_back_on_misaligned_code_rows(caplog):
+    """The Gluon kernel loads code rows with 8/16-byte vector loads from each lane's first address;
+    a code buffer whose rows are not 16-byte aligned goes to the Triton kernel (correct result, one
+    log line) instead of faulting."""
+    st = _exact_store(1, 2, 128, 128, 150, 2, 2, 32, BF16, 11)
+    q = _q(1, 8, 128, BF16, 11)
+    kb, vb = st.keys.buffers, st.values.buffers
+    codes = kb["codes"]
+    shifted = torch.empty(codes.numel() + 4, dtype=torch.uint8, device=codes.device)[4:].view(codes.shape)
+    shifted.copy_(codes)
+    da._LOGGED.clear()  # a reason is logged once per process
+    with caplog.at_level("INFO", logger="kvpass"):
+        out = da.decode_attention(
+            q, shifted, kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"], st.res_k, st.res_v,
+            key_bits=2, value_bits=2, group_size=32, quantized_length=st.quantized_length, length=st.length,
+            config=da.DecodeConfig(use_mma=True, use_dot=True, pad_heads=1))
+    assert any("16-byte aligned code rows" in r.getMessage() for r in caplog.records)
+    _assert_close_to_golden(out, q, st, None, st.length, da.DecodeConfig(use_dot=True, pad_heads=1))
+
+
+@gpu_only
 @pytest.mark.parametrize("max_regs", [128, 168])
 def test_mma_with_a_register_cap(max_regs):
     """DecodeConfig.max_regs caps the Gluon kernel's registers (spills in the window loop)."""
