@@ -770,7 +770,11 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
                          kv_len, key_bits, group_size, sm_scale, config, out=None, host_lengths=(0, 0)):
     """`decode_attention` (no mask) through `_kvpass_decode_mma` + the split reduce. Buffers and the
     two length modes as `decode_attention` documents them: device `lengths`, or (lengths None)
-    host_lengths = (Lq, L), then the splits follow Lq instead of the capacity kv_len."""
+    host_lengths = (Lq, L), then the splits follow Lq instead of the capacity kv_len. The split reduce
+    is always a launch of its own here (DecodeConfig.fuse_reduce is not used): a fused one, where the
+    program that finishes a KV head's splits last reduces its REP rows, was measured in session 14
+    and lost (B1 T16k 16.8 -> 33.0 us, B8 52.4 -> 55.4; one warp walks REP x splits/16 dependent
+    rounds of loads that the separate launch spreads over B * Hq programs; results/ab_mma_s14.log)."""
     from kvpass.templates import decode_attention as da
     B, Hq, _, D = q.shape
     H = res_k.shape[1]
