@@ -478,6 +478,19 @@ def _lazy_softmax(s, m_i, acc, l_part):
 
 
 @gluon.jit
+def _step_pointers(kc_base, vc_base, vs_base, t, kt, kwi, vt, vwi, NW: gl.constexpr, NG: gl.constexpr,
+                   GROUP_SIZE: gl.constexpr):
+    """Pointers of the 32-token step at t: key words [32 tok, NW] (`_word_layout_k`), value words
+    [NW, 32 tok] (`_word_layout_v`) and the value scale/zero offsets of the same shape (word w holds
+    channels of group w * CPW // GROUP_SIZE)."""
+    CPW: gl.constexpr = 128 // NW
+    kp = kc_base + gl.expand_dims(t + kt, 1) * NW + gl.expand_dims(kwi, 0)
+    vp = vc_base + gl.expand_dims(t + vt, 0) * NW + gl.expand_dims(vwi, 1)
+    vsp = vs_base + gl.expand_dims(t + vt, 0) * NG + gl.expand_dims((vwi * CPW) // GROUP_SIZE, 1)
+    return kp, vp, vsp
+
+
+@gluon.jit
 def _lane_loads(ptrs, KIND: gl.constexpr, BITS: gl.constexpr, NG: gl.constexpr):
     """The elements of `ptrs` (a step's key words, value words or value scales/zeros) as int32, by
     `_lane_loads_asm`: one asm per lane (`pack` covers all its elements; only the first pointer is
@@ -627,9 +640,7 @@ def _kvpass_decode_mma(
     vwi = gl.arange(0, NW, gl.SliceLayout(1, WV))
     vt = gl.arange(0, 32, gl.SliceLayout(0, WV))
     st = gl.arange(0, 32, gl.SliceLayout(1, MMA))
-    kp = kc_base + gl.expand_dims(start + kt, 1) * NW + gl.expand_dims(kwi, 0)
-    vp = vc_base + gl.expand_dims(start + vt, 0) * NW + gl.expand_dims(vwi, 1)
-    vsp = vs_base + gl.expand_dims(start + vt, 0) * NG + gl.expand_dims((vwi * CPW) // GROUP_SIZE, 1)
+    kp, vp, vsp = _step_pointers(kc_base, vc_base, vs_base, start, kt, kwi, vt, vwi, NW, NG, GROUP_SIZE)
     # the key group after the current one: scales/zeros by cp.async into the other half of a 2-group
     # shared buffer
     CPL: gl.constexpr = _kz_copy_layout(NW, CPW)
@@ -668,9 +679,7 @@ def _kvpass_decode_mma(
         m_i, acc, l_i = _step_values(s_c, mb_c, vw, vs_c, vz_c, m_i, acc, l_i, BITS, FOLD)
     if t_full < end:
         # pointers rebuilt at t_full: the loop carries only each lane's first element (`_lane_loads`)
-        kp = kc_base + gl.expand_dims(t_full + kt, 1) * NW + gl.expand_dims(kwi, 0)
-        vp = vc_base + gl.expand_dims(t_full + vt, 0) * NW + gl.expand_dims(vwi, 1)
-        vsp = vs_base + gl.expand_dims(t_full + vt, 0) * NG + gl.expand_dims((vwi * CPW) // GROUP_SIZE, 1)
+        kp, vp, vsp = _step_pointers(kc_base, vc_base, vs_base, t_full, kt, kwi, vt, vwi, NW, NG, GROUP_SIZE)
         kw = _key_loads(kp, t_full, kt, end, True, BITS)
         vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, t_full, vt, end, True, BITS, NG)
         _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t_full, end, GROUP_SIZE, HEAD_DIM)
