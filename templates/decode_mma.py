@@ -1,8 +1,9 @@
-"""GQA decode attention on tensor cores with explicit register layouts (Gluon), for decode steps
-with device lengths (the CUDA-graph path) or host lengths (eager steps, dynamic caches). GPU only
-(Gluon has no interpreter), checked against the reference by tests/test_decode_mma.py on the
-device; `decode_attention` uses it when `DecodeConfig.use_mma` is set (the GQA default) and
-`mma_unsupported` accepts the call (no mask, head_dim 128, ...), else the Triton kernel with a log line.
+"""Decode attention on tensor cores with explicit register layouts (Gluon), for GQA/MQA and MHA
+(1..8 query heads per KV head), for decode steps with device lengths (the CUDA-graph path) or host
+lengths (eager steps, dynamic caches). GPU only (Gluon has no interpreter), checked against the
+reference by tests/test_decode_mma.py on the device; `decode_attention` uses it when
+`DecodeConfig.use_mma` is set (the default) and `mma_unsupported` accepts the call (no mask,
+head_dim 128, ...), else the Triton kernel with a log line.
 
 Why: the Triton tensor-core variant (`_kvpass_decode_dot`) spends ~1450 thread-instructions per
 token and KV head (SASS, 2-bit G32, 4 query heads): Triton stages the unpacked codes through shared
@@ -14,7 +15,10 @@ Constexprs (header of `_kvpass_decode_mma`):
     BITS                   2 or 4 (same width for keys and values)
     GROUP_SIZE             32, 64, 128 (one key group per BLOCK_N = 32 tokens or a multiple)
     HEAD_DIM               128
-    REP                    query heads per KV head, 2..8 (the MMA's N = 8)
+    REP                    query heads per KV head, 1..8 (the MMA's N = 8). MHA (REP 1) leaves 7 of
+                           the 8 columns zero: the MMAs are 32 of ~690 instructions per step, and the
+                           unpack, which dominates, is per KV head (session 15: faster than the rows
+                           kernel for MHA, see `default_config_for`)
     dtype                  fp16 / bf16 models (q, window, output); scales/zeros fp16
 Register layouts (one warp, lane = 4 * g + r):
     key codes    A [32 tok, 128 kappa]: lane owns tokens g + 8i and the 32 channels of bytes
@@ -587,12 +591,12 @@ def _kvpass_decode_mma(
     HOST_LENS: gl.constexpr,
 ):
     """Constexprs: BITS (2, 4), GROUP_SIZE (32, 64, 128: one group per 32-token step or a multiple),
-    HEAD_DIM (128), REP (2..8), HOST_LENS (Lq, L from LQ_HOST, L_HOST instead of LENS[0], LENS[1]).
+    HEAD_DIM (128), REP (1..8), HOST_LENS (Lq, L from LQ_HOST, L_HOST instead of LENS[0], LENS[1]).
     Grid (splits, Hkv, B), one warp. Writes the split's (acc, m, l) for `_kvpass_decode_reduce`, as
     `_kvpass_decode_dot` does with no mask."""
     gl.static_assert(BITS == 2 or BITS == 4, "BITS must be 2 or 4")
     gl.static_assert(HEAD_DIM == 128, "HEAD_DIM must be 128")
-    gl.static_assert(REP >= 2 and REP <= 8, "REP (query heads per KV head) must be 2..8")
+    gl.static_assert(REP >= 1 and REP <= 8, "REP (query heads per KV head) must be 1..8")
     gl.static_assert(GROUP_SIZE == 32 or GROUP_SIZE == 64 or GROUP_SIZE == 128,
                      "GROUP_SIZE must be 32, 64 or 128 (one key group per 32-token step or several steps)")
     DT: gl.constexpr = Q.dtype.element_ty
@@ -760,8 +764,8 @@ def mma_unsupported(spec, attn_mask, lengths, q, quantized_length=None, codes=()
         return f"needs group size 32, 64 or 128, got {spec.group_size}"
     if spec.head_dim != 128:
         return f"needs head_dim 128, got {spec.head_dim}"
-    if not 2 <= spec.rep <= 8:
-        return f"needs 2..8 query heads per KV head, got {spec.rep}"
+    if not 1 <= spec.rep <= 8:
+        return f"needs 1..8 query heads per KV head, got {spec.rep}"
     if spec.dtype not in (torch.float16, torch.bfloat16):
         return f"needs an fp16/bf16 model, got {spec.dtype}"
     for t in codes:

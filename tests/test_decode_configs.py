@@ -35,9 +35,10 @@ def test_rules_are_batch_aware_for_gqa():
     assert not dc.default_config_for(GQA, batch=1).use_dot   # rows: one program per query head
     assert dc.default_config_for(GQA, batch=8).use_dot       # tensor cores for larger batches
     assert not dc.default_config_for(MHA, batch=8).use_dot   # MHA: rows at any batch
-    # GQA: the Gluon tensor-core kernel where it applies (the rule above where it does not)
+    # the Gluon tensor-core kernel where it applies (the rule above where it does not)
     assert dc.default_config_for(GQA, batch=1).use_mma and dc.default_config_for(GQA, batch=8).use_mma
-    assert not dc.default_config_for(MHA, batch=8).use_mma
+    assert dc.default_config_for(MHA, batch=1).use_mma and dc.default_config_for(MHA, batch=8).use_mma
+    assert dc.default_config_for(MHA, batch=1).min_groups_per_split == 4   # >= 128 tokens per split (G32)
     assert dc.config_key(GQA, 32768, 1) != dc.config_key(GQA, 32768, 8)
     assert dc.config_key(GQA, 20000, 5) == dc.config_key(GQA, 32768, 8)  # same length and batch buckets
 

@@ -1,4 +1,4 @@
-"""The Gluon tensor-core GQA decode kernel (templates/decode_mma.py) vs the fp64 golden and the
+"""The Gluon tensor-core decode kernel (GQA and MHA) (templates/decode_mma.py) vs the fp64 golden and the
 reference, with device lengths, poisoned part rows past Lq and NaN window rows past L - Lq (as
 tests/test_decode_device_lengths.py checks the Triton kernels). GPU only: Gluon has no
 interpreter, so CI on CPU skips these and the device tool runs them."""
@@ -28,6 +28,8 @@ CASES = {
     "empty_window": (4, 32, BF16, 4, 256, 256, 256, 1),
     "long_window": (2, 32, BF16, 4, 64, 250, 300, 1),
     "few_splits": (2, 32, BF16, 4, 2048, 2100, 2100, 16),
+    "mha_b2_g32_bf16": (2, 32, BF16, 1, 640, 700, 700, 1),
+    "mha_b4_g128_fp16_tail": (4, 128, FP16, 1, 512, 600, 650, 1),
 }
 
 
@@ -66,6 +68,7 @@ HOST_CASES = {
     "b4_g64_fp16_tail": (4, 64, FP16, 2, 256, 300, 340),
     "b2_g128_rep8": (2, 128, BF16, 8, 1024, 1025, 1025),
     "lq0": (2, 32, BF16, 4, 0, 50, 50),
+    "mha_b2_g64": (2, 64, BF16, 1, 256, 290, 290),
 }
 
 
