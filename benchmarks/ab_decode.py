@@ -5,7 +5,8 @@ helpers once per process): the default config at given shapes, CUDA-graph timed 
 reaches Lq has no window tokens to add), in host- or device-lengths mode.
 
     PYTHONPATH=. python3 benchmarks/ab_decode.py --shapes 1x32x16384,8x32x8x16384 [--bits 2] [--group 32]
-        [--old-reduce] [--empty-window] [--host-lengths] [--kernel OLD_DECODE_ATTENTION.py] [--tag NAME]
+        [--old-reduce] [--empty-window] [--host-lengths] [--mask bool|additive] [--kernel OLD_DECODE_ATTENTION.py]
+        [--tag NAME]
 
 Prints one line per shape: tag, shape, bits, group, lengths mode, microseconds per call.
 """
@@ -64,11 +65,12 @@ def use_variant(old_reduce: bool, reduce_block: int = 0):
         da.FUSED_REDUCE_BLOCK = tl.constexpr(reduce_block)
 
 
-def call_for(q, st, kv_len, empty_window: bool, host: bool, empty_store: bool = False, config=None):
-    """One decode call over store st (the default config, or `config`), with the window emptied if
-    asked, or (empty_store, device lengths) with lengths (0, 0): no token attended but the zero tail."""
+def call_for(q, st, kv_len, empty_window: bool, host: bool, empty_store: bool = False, config=None, mask=None):
+    """One decode call over store st (the default config, or `config`; with `mask` if given), with the
+    window emptied if asked, or (empty_store, device lengths) with lengths (0, 0): no token attended
+    but the zero tail."""
     if not (empty_window or empty_store):
-        return lambda: da.decode_attention_store(q, st, kv_len=kv_len, config=config)
+        return lambda: da.decode_attention_store(q, st, attn_mask=mask, kv_len=kv_len, config=config)
     kb, vb = st.keys.buffers, st.values.buffers
     parts = (kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"])
     bits = dict(key_bits=st.cfg.key_bits, value_bits=st.cfg.value_bits, group_size=st.cfg.group_size)
@@ -110,6 +112,9 @@ def main():
     ap.add_argument("--no-mma", action="store_true",
                     help="the default config with use_mma off (the Triton kernel a GQA call falls back to)")
     ap.add_argument("--kernel", default=None, help="path of another decode_attention.py to time instead")
+    ap.add_argument("--mask", default="none", choices=("none", "bool", "additive"),
+                    help="an attention mask [1, 1, 1, kv_len] as HF passes it (attend to the stored tokens, "
+                         "not the static tail)")
     args = ap.parse_args()
     if args.kernel:
         load_kernel_module(args.kernel)
@@ -128,14 +133,21 @@ def main():
         if args.no_mma:
             spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
             cfg = dataclasses.replace(da.default_config_for(spec, B), use_mma=False)
+        mask = None
+        if args.mask != "none":
+            keep = (torch.arange(kv_len, device="cuda") < stores[0].length).view(1, 1, 1, kv_len)
+            mask = keep if args.mask == "bool" else torch.zeros(keep.shape, dtype=q.dtype, device="cuda").masked_fill(
+                ~keep, torch.finfo(q.dtype).min)
         dev = ""
         if cfg is not None:
-            ref = da.decode_attention_store(q, stores[0], kv_len=kv_len).float()
-            got = da.decode_attention_store(q, stores[0], kv_len=kv_len, config=cfg).float()
+            ref = da.decode_attention_store(q, stores[0], attn_mask=mask, kv_len=kv_len).float()
+            got = da.decode_attention_store(q, stores[0], attn_mask=mask, kv_len=kv_len, config=cfg).float()
             dev = f" (max |mma - default| {(got - ref).abs().max().item():.2e}, max |default| {ref.abs().max().item():.2e})"
-        us = graph_us([call_for(q, s, kv_len, args.empty_window, args.host_lengths, config=cfg) for s in stores])
+        us = graph_us([call_for(q, s, kv_len, args.empty_window, args.host_lengths, config=cfg, mask=mask)
+                       for s in stores])
         print(f"AB {args.tag or 'default'} {shape} b{args.bits} g{args.group} {mode}"
-              f"{' empty-window' if args.empty_window else ''}: {us:.2f} us{dev}", flush=True)
+              f"{' empty-window' if args.empty_window else ''}{'' if mask is None else ' mask ' + args.mask}: "
+              f"{us:.2f} us{dev}", flush=True)
         del stores
         torch.cuda.empty_cache()
 

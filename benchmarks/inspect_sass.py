@@ -6,7 +6,7 @@ on recent global loads (`sass_waits`: the cause of most "same SASS, 10-30 % slow
     PYTHONPATH=. python3 benchmarks/inspect_sass.py [--variant rows|dot|mma] [--block-n 32] [--warps 2]
         [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--stages 2] [--maxnreg N] [--hb 4] [--dump FILE]
 
-`--variant mma` is the Gluon GQA kernel (templates/decode_mma.py; --rep, --dtype). Per loop the
+`--variant mma` is the Gluon kernel (templates/decode_mma.py; --rep, --dtype, --mask). Per loop the
 report also says how soon its global loads are first read within the same iteration (a prefetch
 read a few instructions after its load waits for memory right there).
 
@@ -69,20 +69,24 @@ def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: 
 
 
 def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnreg: int | None = None,
-                host_lengths: bool = False):
+                host_lengths: bool = False, mask: str = "none"):
     """The Gluon kernel `_kvpass_decode_mma` compiled for sm_90 as `decode_attention_mma` launches it
-    (one warp, pointers and strides % 16 except the runtime lengths and qk_scale; device lengths
-    unless host_lengths)."""
+    (one warp, pointers and strides % 16 except the runtime lengths, qk_scale and the mask's key
+    stride; device lengths unless host_lengths; mask none, bool or additive, the same for all
+    heads, or bool-heads / additive-heads)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from kvpass.templates import decode_mma
     fn = decode_mma._kvpass_decode_mma
     names = list(fn.arg_names)
-    const = dict(BITS=bits, GROUP_SIZE=group, HEAD_DIM=128, REP=rep, HOST_LENS=host_lengths)
+    kind = mask.split("-")[0]
+    const = dict(BITS=bits, GROUP_SIZE=group, HEAD_DIM=128, REP=rep, HOST_LENS=host_lengths,
+                 MASK_KIND={"none": 0, "bool": 1, "additive": 2}[kind], MASK_HEADS=mask.endswith("-heads"))
     ptr = dict(Q=f"*{dtype}", KC="*i32", KS="*fp16", KZ="*fp16", VC="*i32", VS="*fp16", VZ="*fp16", RK=f"*{dtype}",
-               RV=f"*{dtype}", OP="*fp32", OM="*fp32", OL="*fp32", LENS="*i32")
+               RV=f"*{dtype}", MASK="*u8" if kind == "bool" else f"*{dtype}", OP="*fp32", OM="*fp32", OL="*fp32",
+               LENS="*i32")
     sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in const and n not in ("KV_LEN", "NUM_SPLITS_RT", "LQ_HOST", "L_HOST", "qk_scale")}
+             if n not in const and n not in ("KV_LEN", "NUM_SPLITS_RT", "LQ_HOST", "L_HOST", "qk_scale", "s_mk")}
     src = GluonASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
     opts = dict(num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
@@ -172,6 +176,8 @@ def main():
     ap.add_argument("--device-lengths", action="store_true", help="the LENGTHS_ON_DEVICE specialization")
     ap.add_argument("--single", action="store_true", help="the one-split specialization (SINGLE)")
     ap.add_argument("--host-lengths", action="store_true", help="(mma) the HOST_LENS specialization")
+    ap.add_argument("--mask", default="none", choices=("none", "bool", "additive", "bool-heads", "additive-heads"),
+                    help="(mma) the MASK_KIND / MASK_HEADS specialization")
     ap.add_argument("--stages", type=int, default=2, help="num_stages")
     ap.add_argument("--hb", type=int, default=4, help="(dot) query rows per program: 4 is GQA 32/8 unpadded (pad_heads=1)")
     ap.add_argument("--rep", type=int, default=None, help="query heads per KV head (default: 1 for rows, --hb for dot)")
@@ -189,7 +195,7 @@ def main():
     from benchmarks.ab_decode import use_variant
     use_variant(a.old_reduce, a.reduce_block)
     if a.variant == "mma":
-        k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg, a.host_lengths)
+        k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg, a.host_lengths, a.mask)
         report, sass = sass_report(k)
         lens = "host" if a.host_lengths else "device"
         print(f"mma b{a.bits} g{a.group} rep {a.rep or 4} {a.dtype} {lens} lengths: {report}")

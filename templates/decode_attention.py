@@ -1160,6 +1160,21 @@ def kernel_buffers(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k,
     return kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, rs
 
 
+def mask_args(attn_mask: torch.Tensor | None, q: torch.Tensor, kv_len: int) -> tuple[int, torch.Tensor | None, tuple]:
+    """(kind, tensor, (batch, head, key) strides) of a decode mask as the kernels take it: kind 0
+    (None; tensor None, strides 0), 1 (bool, viewed as uint8) or 2 (additive, q's dtype), the mask
+    broadcast to [B, Hq, 1, kv_len] by strides (0 along broadcast dims; nothing is copied)."""
+    if attn_mask is None:
+        return 0, None, (0, 0, 0)
+    B, Hq = q.shape[:2]
+    m4 = attn_mask
+    while m4.dim() < 4:
+        m4 = m4.unsqueeze(0)
+    m4 = m4.expand(B, Hq, 1, kv_len)
+    kind, mask = (1, m4.view(torch.uint8)) if m4.dtype == torch.bool else (2, m4)
+    return kind, mask, (mask.stride(0), mask.stride(1), mask.stride(3))
+
+
 def decode_attention(
     q: torch.Tensor,
     k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
@@ -1239,12 +1254,12 @@ def decode_attention(
             _log_once(f"kvpass decode: DecodeConfig.use_mma set but Gluon is not importable ({e}); "
                       "using the Triton kernel")
         if decode_mma is not None:
-            why_not = decode_mma.mma_unsupported(spec, attn_mask, lengths, q, Lq, (k_codes, v_codes))
+            why_not = decode_mma.mma_unsupported(spec, lengths, q, Lq, (k_codes, v_codes))
             if why_not is None:
                 return decode_mma.decode_attention_mma(
                     q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, kv_len=kv_len,
                     key_bits=key_bits, group_size=group_size, sm_scale=sm_scale, config=cfg, out=out,
-                    host_lengths=(Lq, L))
+                    host_lengths=(Lq, L), mask=mask_args(attn_mask, q, kv_len))
             decode_mma.log_fallback(why_not)
     G = group_size
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
@@ -1252,18 +1267,8 @@ def decode_attention(
     use_dot = cfg.use_dot
     block_n = min(cfg.block_n, G) if use_dot else cfg.block_n
 
-    if attn_mask is None:
-        mask_kind, mask, s_m = 0, q, (0, 0, 0)
-    else:
-        m4 = attn_mask
-        while m4.dim() < 4:
-            m4 = m4.unsqueeze(0)
-        m4 = m4.expand(B, Hq, 1, kv_len)
-        if m4.dtype == torch.bool:
-            mask_kind, mask = 1, m4.view(torch.uint8)
-        else:
-            mask_kind, mask = 2, m4
-        s_m = (mask.stride(0), mask.stride(1), mask.stride(3))
+    mask_kind, mask, s_m = mask_args(attn_mask, q, kv_len)
+    mask = q if mask is None else mask
 
     quantized = Lq > 0 or (lengths is not None and all(t.numel() for t in (k_codes, k_scale, k_zero, v_codes,
                                                                            v_scale, v_zero)))

@@ -38,7 +38,7 @@ class DecodeConfig:
     fuse_reduce: bool = True   # with several splits, the last program of a row reduces them (one launch)
     max_regs: int = 0          # registers per thread the compiler may use (Triton's maxnreg; 0: no cap). A cap
                                # trades spills for more resident programs; ignored by the interpreter
-    use_mma: bool = False      # no mask, CUDA: the Gluon tensor-core kernel (MHA and GQA/MQA)
+    use_mma: bool = False      # CUDA: the Gluon tensor-core kernel (MHA and GQA/MQA, masks too)
                                # (templates/decode_mma.py; experimental, `mma_unsupported` says when not)
 
     def __post_init__(self):
@@ -211,13 +211,13 @@ def default_config_for(spec: DecodeSpec, batch: int = 1) -> DecodeConfig:
         cfg = replace(DEFAULT_CONFIG, use_dot=True, pad_heads=1,
                       block_n=64 if spec.group_size >= 64 else min(32, spec.group_size), num_warps=1, num_stages=2,
                       ctas_per_sm=0)
-    # No mask, on a GPU: the Gluon tensor-core kernel. GQA/MQA since session 10 (results/ab_mma_s10.log,
+    # On a GPU: the Gluon tensor-core kernel. GQA/MQA since session 10 (results/ab_mma_s10.log,
     # 32/8 heads T16k 2-bit G32: batch 1 29.8 -> 20.4 us, batch 8 131 -> 71, batch 32 466 -> 245; G128
     # batch 8 239 -> 72-80; 4-bit batch 8 139 -> 90-95); host lengths too since session 13. MHA since
     # session 15 (one query head in the MMA's 8 columns; results/ab_mma_s15.log, 32/32 heads T16k, vs
     # the rows rule: 2-bit G32 batch 8 181.2 -> 168.5 us, batch 32 688.8 -> 629.0, batch 1 31.2 -> 29.9;
-    # G128 batch 8 190.7 -> 159.6; 4-bit batch 8 250.8 -> 241.5). Calls it does not take (masks, CPU,
-    # other specs) run the rule above, with a log line.
+    # G128 batch 8 190.7 -> 159.6; 4-bit batch 8 250.8 -> 241.5); attention masks since session 15.
+    # Calls it does not take (CPU, other specs) run the rule above, with a log line.
     # At least 128 tokens per split (G128 at batch 1 had a quarter of the programs a wave holds).
     return replace(cfg, use_mma=True, min_groups_per_split=max(1, 128 // spec.group_size))
 

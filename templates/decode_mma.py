@@ -2,8 +2,9 @@
 (1..8 query heads per KV head), for decode steps with device lengths (the CUDA-graph path) or host
 lengths (eager steps, dynamic caches). GPU only (Gluon has no interpreter), checked against the
 reference by tests/test_decode_mma.py on the device; `decode_attention` uses it when
-`DecodeConfig.use_mma` is set (the default) and `mma_unsupported` accepts the call (no mask,
-head_dim 128, ...), else the Triton kernel with a log line.
+`DecodeConfig.use_mma` is set (the default) and `mma_unsupported` accepts the call (head_dim 128,
+bits 2/4, ...), else the Triton kernel with a log line. Attention masks (bool or additive, per batch
+row or per head) are applied to the scores; HF passes one at every decode step.
 
 Why: the Triton tensor-core variant (`_kvpass_decode_dot`) spends ~1450 thread-instructions per
 token and KV head (SASS, 2-bit G32, 4 query heads): Triton stages the unpacked codes through shared
@@ -582,18 +583,53 @@ def _step_values(s, m_blk, vw, vs_n, vz_n, m_i, acc, l_i, BITS: gl.constexpr, FO
     return m_i, acc, l_i
 
 
+@gluon.jit
+def _mask_vals(MASK, mrow, tok, ok, s_mk, MASK_KIND: gl.constexpr, MASK_HEADS: gl.constexpr):
+    """Raw attention-mask values of tokens tok [32] (the score rows, `SliceLayout(1, MMA)`): [32] when
+    the mask is the same for all heads (MASK_HEADS False, mrow the batch row's offset), else [32, 8]
+    (mrow [8]: the heads' row offsets). ok None: every token in range; else tokens with ok False read
+    as attended (bool 1 / additive 0; their scores are masked by the caller)."""
+    if MASK_HEADS:
+        off = gl.expand_dims(tok * s_mk, 1) + gl.expand_dims(mrow, 0)
+    else:
+        off = tok * s_mk + mrow
+    if ok is None:
+        return gl.load(MASK + off)
+    else:
+        if MASK_HEADS:
+            ok = gl.expand_dims(ok, 1) & (off >= 0)
+        return gl.load(MASK + off, mask=ok, other=1 if MASK_KIND == 1 else 0.0)
+
+
+@gluon.jit
+def _mask_bias(mv, MASK_KIND: gl.constexpr, MASK_HEADS: gl.constexpr):
+    """log2-domain score bias [32, 8] (or [32, 1], broadcast over heads) of `_mask_vals` values:
+    bool (MASK_KIND 1): 0 or -inf; additive (2): value * log2(e)."""
+    if MASK_KIND == 1:
+        b = gl.where(mv != 0, 0.0, float("-inf"))
+    else:
+        b = mv.to(gl.float32) * 1.4426950408889634
+    if MASK_HEADS:
+        return b
+    else:
+        return gl.expand_dims(b, 1)
+
+
 @gluon.jit(do_not_specialize=["LQ_HOST", "L_HOST"])
 def _kvpass_decode_mma(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, OP, OM, OL, LENS,
-    s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, LENS,
+    s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh, s_mb, s_mh, s_mk,
     KV_LEN, NUM_SPLITS_RT, LQ_HOST, L_HOST, qk_scale,
     BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, REP: gl.constexpr,
-    HOST_LENS: gl.constexpr,
+    HOST_LENS: gl.constexpr, MASK_KIND: gl.constexpr, MASK_HEADS: gl.constexpr,
 ):
     """Constexprs: BITS (2, 4), GROUP_SIZE (32, 64, 128: one group per 32-token step or a multiple),
-    HEAD_DIM (128), REP (1..8), HOST_LENS (Lq, L from LQ_HOST, L_HOST instead of LENS[0], LENS[1]).
+    HEAD_DIM (128), REP (1..8), HOST_LENS (Lq, L from LQ_HOST, L_HOST instead of LENS[0], LENS[1]),
+    MASK_KIND (0 none, 1 bool as uint8, 2 additive in q's dtype; MASK [B, Hq, 1, KV_LEN] by strides
+    s_mb, s_mh, s_mk), MASK_HEADS (the mask differs between heads: s_mh != 0).
     Grid (splits, Hkv, B), one warp. Writes the split's (acc, m, l) for `_kvpass_decode_reduce`, as
-    `_kvpass_decode_dot` does with no mask."""
+    `_kvpass_decode_dot` does. The mask values of a step's scores are loaded with its keys, one
+    iteration before they are read (as the keys are)."""
     gl.static_assert(BITS == 2 or BITS == 4, "BITS must be 2 or 4")
     gl.static_assert(HEAD_DIM == 128, "HEAD_DIM must be 128")
     gl.static_assert(REP >= 1 and REP <= 8, "REP (query heads per KV head) must be 1..8")
@@ -644,6 +680,11 @@ def _kvpass_decode_mma(
     vwi = gl.arange(0, NW, gl.SliceLayout(1, WV))
     vt = gl.arange(0, 32, gl.SliceLayout(0, WV))
     st = gl.arange(0, 32, gl.SliceLayout(1, MMA))
+    oh = gl.arange(0, 8, gl.SliceLayout(0, MMA))
+    if MASK_HEADS:   # the heads' mask rows; columns >= REP reuse the last head's (their scores are dropped)
+        mrow = pid_b * s_mb + (pid_h * REP + gl.minimum(oh, REP - 1)) * s_mh
+    else:
+        mrow = pid_b * s_mb
     kp, vp, vsp = _step_pointers(kc_base, vc_base, vs_base, start, kt, kwi, vt, vwi, NW, NG, GROUP_SIZE)
     # the key group after the current one: scales/zeros by cp.async into the other half of a 2-group
     # shared buffer
@@ -667,18 +708,28 @@ def _kvpass_decode_mma(
         kp_last = kp + (t_full - start - 32) * NW                  # the last full step's keys
         kp = gl.where(start + 32 < t_full, kp + 32 * NW, kp_last)
         kw_n = _key_loads(kp, start, kt, end, False, BITS)
+        if MASK_KIND != 0:   # the mask of the steps of kw and kw_n
+            mv = _mask_vals(MASK, mrow, start + st, None, s_mk, MASK_KIND, MASK_HEADS)
+            mv_n = _mask_vals(MASK, mrow, gl.minimum(start + 32, t_full - 32) + st, None, s_mk, MASK_KIND, MASK_HEADS)
         _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, start, end, GROUP_SIZE, HEAD_DIM)
         s_c = _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, start, BITS, GROUP_SIZE, FOLD, WK)
+        if MASK_KIND != 0:
+            s_c = s_c + _mask_bias(mv, MASK_KIND, MASK_HEADS)
         mb_c = gl.max(s_c, axis=0)
         for t0 in range(start, t_full - 32, 32):
             _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t0 + 32, end, GROUP_SIZE, HEAD_DIM)
             m_i, acc, l_i = _step_values(s_c, mb_c, vw, vs_c, vz_c, m_i, acc, l_i, BITS, FOLD)
             s_c = _step_scores(kw_n, ks_smem, kz_smem, q16, qk_keys, t0 + 32, BITS, GROUP_SIZE, FOLD, WK)
+            if MASK_KIND != 0:
+                s_c = s_c + _mask_bias(mv_n, MASK_KIND, MASK_HEADS)
             mb_c = gl.max(s_c, axis=0)
             kp = gl.where(t0 + 64 < t_full, kp + 32 * NW, kp_last)
             vp += 32 * NW
             vsp += 32 * NG
             kw_n = _key_loads(kp, t0, kt, end, False, BITS)
+            if MASK_KIND != 0:   # the step of kw_n (t0 + 64, clamped like kp)
+                mv_n = _mask_vals(MASK, mrow, gl.minimum(t0 + 64, t_full - 32) + st, None, s_mk, MASK_KIND,
+                                  MASK_HEADS)
             vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, t0, vt, end, False, BITS, NG)
         m_i, acc, l_i = _step_values(s_c, mb_c, vw, vs_c, vz_c, m_i, acc, l_i, BITS, FOLD)
     if t_full < end:
@@ -688,6 +739,9 @@ def _kvpass_decode_mma(
         vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, t_full, vt, end, True, BITS, NG)
         _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t_full, end, GROUP_SIZE, HEAD_DIM)
         s = _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, t_full, BITS, GROUP_SIZE, FOLD, WK)
+        if MASK_KIND != 0:
+            s = s + _mask_bias(_mask_vals(MASK, mrow, t_full + st, t_full + st < end, s_mk, MASK_KIND, MASK_HEADS),
+                               MASK_KIND, MASK_HEADS)
         s = gl.where(gl.expand_dims(t_full + st < end, 1), s, float("-inf"))
         m_i, acc, l_i = _step_values(s, gl.max(s, axis=0), vw, vs_c, vz_c, m_i, acc, l_i, BITS, FOLD)
     async_copy.wait_group(0)
@@ -712,27 +766,41 @@ def _kvpass_decode_mma(
         vwin = gl.load(rv_base + woff, mask=wmask, other=0.0)
         kwin = gl.convert_layout(_kappa_order(gl.reshape(kwin, [32, 4, 32]), 1, BITS), OPA)
         s = mma_v2(kwin, qn, gl.zeros([32, 8], gl.float32, MMA)) * qk_scale
-        s = gl.where(gl.expand_dims(pid_s + (j0 + st) * NUM_SPLITS_RT < nwin, 1), s, float("-inf"))
+        r_s = pid_s + (j0 + st) * NUM_SPLITS_RT
+        if MASK_KIND != 0:
+            s = s + _mask_bias(_mask_vals(MASK, mrow, Lq + r_s, r_s < nwin, s_mk, MASK_KIND, MASK_HEADS),
+                               MASK_KIND, MASK_HEADS)
+        s = gl.where(gl.expand_dims(r_s < nwin, 1), s, float("-inf"))
         p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
         acc = mma_v2(gl.convert_layout(_sigma_order(vwin, BITS), OPA), gl.convert_layout(p.to(DT), OPB), acc)
 
-    l_i = gl.convert_layout(gl.sum(l_i, axis=0), gl.SliceLayout(0, MMA))
-
-    # ---- zero tail [L, KV_LEN): score 0, value 0 (closed form)
+    # ---- zero tail [L, KV_LEN): zero keys and values, so score 0 (plus the mask's bias) and nothing
+    # added to acc; without a mask in closed form (below)
     t_chunk = gl.cdiv(KV_LEN - L, NUM_SPLITS_RT)
     t_start = L + pid_s * t_chunk
-    cnt = gl.minimum(t_start + t_chunk, KV_LEN) - t_start
-    if cnt > 0:
-        if gl.max((0.0 > m_i + 8.0).to(gl.int32), axis=0) > 0:
-            m_new = gl.maximum(m_i, 0.0)
-            alpha = gl.exp2(m_i - m_new)
-            acc = acc * gl.expand_dims(alpha, 0)
-            l_i = l_i * alpha
-            m_i = m_new
-        l_i = l_i + cnt.to(gl.float32) * gl.exp2(0.0 - m_i)
+    t_end = gl.minimum(t_start + t_chunk, KV_LEN)
+    if MASK_KIND != 0:
+        for t0 in range(t_start, t_end, 32):
+            tok = t0 + st
+            s = gl.zeros([32, 8], gl.float32, MMA) + _mask_bias(
+                _mask_vals(MASK, mrow, tok, tok < t_end, s_mk, MASK_KIND, MASK_HEADS), MASK_KIND, MASK_HEADS)
+            s = gl.where(gl.expand_dims(tok < t_end, 1), s, float("-inf"))
+            p, m_i, acc, l_i = _lazy_softmax(s, m_i, acc, l_i)
+
+    l_i = gl.convert_layout(gl.sum(l_i, axis=0), gl.SliceLayout(0, MMA))
+
+    if MASK_KIND == 0:
+        cnt = t_end - t_start
+        if cnt > 0:
+            if gl.max((0.0 > m_i + 8.0).to(gl.int32), axis=0) > 0:
+                m_new = gl.maximum(m_i, 0.0)
+                alpha = gl.exp2(m_i - m_new)
+                acc = acc * gl.expand_dims(alpha, 0)
+                l_i = l_i * alpha
+                m_i = m_new
+            l_i = l_i + cnt.to(gl.float32) * gl.exp2(0.0 - m_i)
 
     # ---- partials: rows (b, hq, split)
-    oh = gl.arange(0, 8, gl.SliceLayout(0, MMA))
     od = gl.arange(0, 128, gl.SliceLayout(1, MMA))
     row = (pid_b * gl.num_programs(1) * REP + pid_h * REP + oh) * NUM_SPLITS_RT + pid_s
     omask = gl.expand_dims(oh < REP, 0)
@@ -745,8 +813,9 @@ def _kvpass_decode_mma(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
-def mma_unsupported(spec, attn_mask, lengths, q, quantized_length=None, codes=()) -> str | None:
-    """Why this call cannot use the Gluon kernel (None: it can). quantized_length: Lq of a
+def mma_unsupported(spec, lengths, q, quantized_length=None, codes=()) -> str | None:
+    """Why this call cannot use the Gluon kernel (None: it can; masks are taken as
+    `decode_attention` takes them). quantized_length: Lq of a
     host-lengths call (lengths None); codes: the key and value code buffers (their rows' vector
     loads, `_lane_loads_asm`, need 16-byte aligned batch/head rows; the store's buffers always are)."""
     import os
@@ -756,8 +825,6 @@ def mma_unsupported(spec, attn_mask, lengths, q, quantized_length=None, codes=()
         return "needs compute capability >= 8.0 (mma.sync m16n8k16)"
     if lengths is None and quantized_length % spec.group_size:
         return f"needs whole key groups, got {quantized_length} quantized tokens for group size {spec.group_size}"
-    if attn_mask is not None:
-        return "takes no attention mask"
     if spec.key_bits != spec.value_bits or spec.key_bits not in (2, 4):
         return f"needs equal key/value bits of 2 or 4, got {spec.key_bits}/{spec.value_bits}"
     if spec.group_size not in (32, 64, 128):
@@ -781,8 +848,10 @@ def log_fallback(why: str) -> None:
 
 
 def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, *,
-                         kv_len, key_bits, group_size, sm_scale, config, out=None, host_lengths=(0, 0)):
-    """`decode_attention` (no mask) through `_kvpass_decode_mma` + the split reduce. Buffers and the
+                         kv_len, key_bits, group_size, sm_scale, config, out=None, host_lengths=(0, 0),
+                         mask=(0, None, (0, 0, 0))):
+    """`decode_attention` through `_kvpass_decode_mma` + the split reduce. mask: (kind, tensor, its
+    batch/head/key strides) from `decode_attention`'s `mask_args` (kind 0: none). Buffers and the
     two length modes as `decode_attention` documents them: device `lengths`, or (lengths None)
     host_lengths = (Lq, L), then the splits follow Lq instead of the capacity kv_len. The split reduce
     is always a launch of its own here (DecodeConfig.fuse_reduce is not used): a fused one, where the
@@ -811,11 +880,14 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     op = torch.empty(B * Hq * S, D, dtype=torch.float32, device=q.device)
     om = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
     ol = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
+    mask_kind, mask_t, s_m = mask
     _kvpass_decode_mma[(S, H, B)](
-        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, op, om, ol, q if host else lengths,
-        q.stride(0), q.stride(1), *part_strides, rs[0], rs[1],
+        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, q if mask_t is None else mask_t, op, om, ol,
+        q if host else lengths,
+        q.stride(0), q.stride(1), *part_strides, rs[0], rs[1], *s_m,
         kv_len, S, host_lengths[0], host_lengths[1], sm_scale * da.LOG2E,
-        BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, HOST_LENS=host, num_warps=1,
+        BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, HOST_LENS=host, MASK_KIND=mask_kind,
+        MASK_HEADS=mask_kind != 0 and s_m[1] != 0, num_warps=1,
         **({"maxnreg": config.max_regs} if config.max_regs else {}))
     da._kvpass_decode_reduce[(B * Hq,)](op, om, ol, out, S, HEAD_DIM=D, D_PAD=D,
                                         S_BLOCK=min(64, max(2, da._next_pow2(S))), num_warps=4)

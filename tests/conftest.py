@@ -33,3 +33,20 @@ def kvpass_ops_in(backend) -> set:
             if n.op == "call_function" and str(n.target).startswith("kvpass."):
                 names.add(str(n.target).split(".")[1])
     return names
+
+
+@pytest.fixture
+def mma_launches(monkeypatch):
+    """Host lengths (Lq, L; (0, 0) in device-lengths mode) of each call of the Gluon decode kernel's
+    launcher (templates/decode_mma.py); a fallback to the Triton kernel adds none."""
+    from kvpass.templates import decode_mma
+
+    calls = []
+    real = decode_mma.decode_attention_mma
+
+    def counting(*args, **kw):
+        calls.append(kw.get("host_lengths"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(decode_mma, "decode_attention_mma", counting)
+    return calls

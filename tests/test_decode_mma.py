@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_decode_device_lengths import _assert_close_to_golden, _device_call, _exact_store, _host_mode  # noqa: E402 (sets
+from test_decode_device_lengths import _assert_close_to_golden, _device_call, _exact_store, _host_mode, _mask  # noqa: E402 (sets
 from test_kernels import _q  # noqa: E402                                 TRITON_INTERPRET on CPU)
 
 from kvpass.templates import decode_attention as da  # noqa: E402
@@ -46,22 +46,6 @@ def test_mma_matches_golden(case):
     _assert_close_to_golden(out, q, st, None, kv_len, da.DecodeConfig(use_dot=True, pad_heads=1))
 
 
-@pytest.fixture
-def mma_launches(monkeypatch):
-    """Counts launches of the Gluon kernel's launcher (a fallback to the Triton kernel adds none)."""
-    from kvpass.templates import decode_mma
-
-    calls = []
-    real = decode_mma.decode_attention_mma
-
-    def counting(*args, **kw):
-        calls.append(kw.get("host_lengths"))
-        return real(*args, **kw)
-
-    monkeypatch.setattr(decode_mma, "decode_attention_mma", counting)
-    return calls
-
-
 # (bits, G, dtype, rep, Lq, L, kv_len): host lengths, the window exactly [Lq, L), zeros past L
 HOST_CASES = {
     "b2_g32_bf16": (2, 32, BF16, 4, 640, 700, 700),
@@ -88,17 +72,48 @@ def test_mma_host_lengths_match_golden(case, mma_launches):
     _assert_close_to_golden(out, q, st, None, kv_len, da.DecodeConfig(use_dot=True, pad_heads=1))
 
 
+# (bits, G, dtype, rep, Lq, L, kv_len, mask kind, per-head mask): padding + static-cache masks
+# (`_mask`: left padding in batch row 0, columns past L masked except a few), device and host lengths
+MASK_CASES = {
+    "bool_gqa_tail": (2, 32, BF16, 4, 640, 700, 800, "bool", False),
+    "additive_mha_fp16": (4, 64, FP16, 1, 512, 530, 600, "additive", False),
+    "bool_per_head_g128": (2, 128, BF16, 2, 1024, 1100, 1150, "bool", True),
+    "additive_per_head_lq0": (2, 32, BF16, 4, 0, 50, 90, "additive", True),
+}
+
+
+@gpu_only
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_mma_with_a_mask_matches_golden(case, mma_launches):
+    """Masks (HF passes one at every decode step, all True without padding) run in the Gluon kernel:
+    bool or additive, the same for all heads or per head, over the quantized part, the window and
+    the zero tail."""
+    bits, G, dtype, rep, Lq, L, kv_len, kind, per_head = MASK_CASES[case]
+    B, H, D = 2, 2, 128
+    seed = sum(map(ord, case))
+    st = _exact_store(B, H, D, Lq, L, bits, bits, G, dtype, seed)
+    q = _q(B, H * rep, D, dtype, seed)
+    mask = _mask(kind, B, L, kv_len, seed, dtype)
+    if per_head:   # odd heads also drop 7 tokens of the quantized part or the window
+        mask = mask.expand(B, H * rep, 1, kv_len).clone()
+        drop = slice(L // 2, L // 2 + 7)
+        mask[:, 1::2, :, drop] = False if kind == "bool" else torch.finfo(dtype).min
+    cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=1)
+    out = _device_call(q, st, kv_len, mask, cfg, seed=seed)
+    _assert_close_to_golden(out, q, st, mask, kv_len, cfg)   # its host-mode call runs the Gluon kernel too
+    assert mma_launches == [(0, 0), (Lq, L)], "the Gluon kernel did not run in both length modes"
+
+
 @gpu_only
 def test_mma_falls_back_with_a_log_line(caplog):
-    """A mask is not supported by the Gluon kernel: the Triton kernel runs, and says so once."""
-    st = _exact_store(1, 2, 128, 64, 70, 2, 2, 32, BF16, 7)
-    q = _q(1, 8, 128, BF16, 7)
-    mask = torch.ones(1, 1, 1, 80, dtype=torch.bool, device=q.device)
+    """head_dim 64 is not supported by the Gluon kernel: the Triton kernel runs, and says so once."""
+    st = _exact_store(1, 2, 64, 64, 70, 2, 2, 32, BF16, 7)
+    q = _q(1, 8, 64, BF16, 7)
     da._LOGGED.clear()  # a reason is logged once per process
     with caplog.at_level("INFO", logger="kvpass"):
-        out = _device_call(q, st, 80, mask, da.DecodeConfig(use_mma=True, use_dot=True, pad_heads=1), seed=7)
+        out = _device_call(q, st, 80, None, da.DecodeConfig(use_mma=True, use_dot=True, pad_heads=1), seed=7)
     assert torch.isfinite(out).all()
-    assert any("takes no attention mask" in r.getMessage() for r in caplog.records)
+    assert any("needs head_dim 128" in r.getMessage() for r in caplog.records)
 
 
 @gpu_only

@@ -1,6 +1,8 @@
 """End to end on CUDA: tiny MHA and GQA models compiled with kvpass through Inductor give the CPU
 reference path's greedy tokens, the decode steps run the Triton kernel, and Inductor's generated
-code calls the kvpass ops. Skipped without a GPU (CI is CPU-only; run through the device tool)."""
+code calls the kvpass ops; bf16 models with head_dim 128 run the Gluon tensor-core decode kernel
+and match the reference ops on the same GPU. Skipped without a GPU (CI is CPU-only; run through
+the device tool)."""
 import pytest
 import torch
 
@@ -19,11 +21,18 @@ GEN = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=
            return_dict_in_generate=True)
 
 
-def _model(name):
+# head_dim 128 in bf16: what the Gluon kernel (templates/decode_mma.py) takes
+MODELS_D128 = {
+    "llama_mha_d128": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=2, num_key_value_heads=2)),
+    "qwen2_gqa_d128": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2)),
+}
+
+
+def _model(name, head_dim=64):
     import transformers
 
-    cfg_name, cls_name, kw = MODELS[name]
-    hidden = 64 * kw["num_attention_heads"]
+    cfg_name, cls_name, kw = (MODELS if head_dim == 64 else MODELS_D128)[name]
+    hidden = head_dim * kw["num_attention_heads"]
     cfg = getattr(transformers, cfg_name)(vocab_size=97, hidden_size=hidden, intermediate_size=2 * hidden,
                                           num_hidden_layers=2, max_position_embeddings=512, **kw)
     cfg._attn_implementation = "sdpa"
@@ -113,3 +122,24 @@ def test_gpu_reduce_overhead_replays_decode_steps(name, auto_compile):
     assert torch.equal(ref.sequences, got.sequences.cpu())
     diff = max((a - c.cpu()).abs().max().item() for a, c in zip(ref.logits, got.logits))
     assert diff <= LOGIT_ATOL[torch.float32]
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static_graphs"])
+@pytest.mark.parametrize("name", list(MODELS_D128))
+def test_gpu_gluon_decode_matches_reference_ops(name, cache, mma_launches, monkeypatch):
+    """bf16, head_dim 128: the decode steps run the Gluon kernel (host lengths with a dynamic cache;
+    device lengths in CUDA-graph replays with a static cache) and give the greedy tokens and
+    logits of the same model with kvpass's reference ops (KVPASS_DISABLE_TRITON=1) on the same GPU."""
+    static = cache == "static_graphs"
+    kw = dict(mode="reduce-overhead") if static else {}
+    cache_kind = "static" if static else "dynamic"
+    monkeypatch.setenv("KVPASS_DISABLE_TRITON", "1")
+    ref = _generate(_model(name, 128).to(torch.bfloat16), "cuda", "eager", cache_kind)
+    assert not mma_launches
+    torch._dynamo.reset()
+    monkeypatch.setenv("KVPASS_DISABLE_TRITON", "0")
+    got = _generate(_model(name, 128).to(torch.bfloat16), "cuda", "inductor", cache_kind, **kw)
+    assert mma_launches, "the Gluon kernel did not run"
+    assert torch.equal(ref.sequences, got.sequences)
+    diff = max((a.float() - c.float()).abs().max().item() for a, c in zip(ref.logits, got.logits))
+    assert diff <= LOGIT_ATOL[torch.bfloat16]
