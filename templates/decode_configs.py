@@ -39,7 +39,7 @@ class DecodeConfig:
     max_regs: int = 0          # registers per thread the compiler may use (Triton's maxnreg; 0: no cap). A cap
                                # trades spills for more resident programs; ignored by the interpreter
     use_mma: bool = False      # CUDA: the Gluon tensor-core kernel (MHA and GQA/MQA, masks too)
-                               # (templates/decode_mma.py; experimental, `mma_unsupported` says when not)
+                               # (templates/decode_mma.py; `mma_unsupported` says when not)
 
     def __post_init__(self):
         if not (self.max_regs == 0 or 24 <= self.max_regs <= 255):
