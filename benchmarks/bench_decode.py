@@ -2,6 +2,7 @@
 weights) with kvpass.backend(bits=2) vs plain torch.compile (Inductor) on a bf16 StaticCache.
 
     PYTHONPATH=. python3 benchmarks/bench_decode.py [--configs 4096x1,32768x1,4096x8,32768x8] [--out DIR]
+        [--kv-heads 8 --name decode_gqa8]   (grouped-query attention: Llama-3-8B's 32/8 heads)
 
 Both sides: an eager prefill of the prompt (not timed), then `--steps` greedy decode steps through
 the compiled forward, timed with a host clock (tokens/s = batch * steps / time). `--loops`: the
@@ -33,15 +34,19 @@ DRY = "--dry" in sys.argv
 DEV = torch.device("cpu") if DRY else torch.device("cuda", 0)
 
 
-def llama7b_config(layers: int):
+def llama7b_config(layers: int, kv_heads: int = 32):
+    """Llama-2-7B's shape; kv_heads < 32 gives it grouped-query attention (8: Llama-3-8B's 32/8 heads)."""
     from transformers import LlamaConfig
 
+    if 32 % kv_heads:
+        raise SystemExit(f"--kv-heads {kv_heads}: must divide the 32 query heads (1, 2, 4, 8, 16 or 32)")
     if DRY:
         cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=4, vocab_size=1000, max_position_embeddings=70000)
+                          num_key_value_heads=max(1, 4 * kv_heads // 32), vocab_size=1000,
+                          max_position_embeddings=70000)
     else:
         cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=70000)
+                          num_key_value_heads=kv_heads, vocab_size=32000, max_position_embeddings=70000)
     cfg._attn_implementation = "sdpa"
     return cfg
 
@@ -53,6 +58,23 @@ def build_model(cfg):
     with torch.device(DEV):
         model = LlamaForCausalLM(cfg)
     return model.to(torch.bfloat16).eval()
+
+
+def _capture_kvpass_log() -> list[str]:
+    """The kvpass logger's INFO lines from now on (kernel choices, fallbacks with their reasons),
+    collected into the returned list for the results file."""
+    import logging
+
+    lines: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("kvpass")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(_Collect())
+    return lines
 
 
 def sync():
@@ -388,6 +410,9 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=32,
+                    help="KV heads of the 32 query heads (32: Llama-2-7B, MHA; 8: Llama-3-8B's GQA attention)")
+    ap.add_argument("--name", default="decode", help="output files NAME.csv and NAME_extra.json")
     ap.add_argument("--kinds", default="kvpass2,bf16_static,kvpass2_static_graphs,bf16_static_graphs",
                     help="kvpass2 (DynamicCache), kvpass2_static_graphs (StaticCache, mode='reduce-overhead'), "
                          "bf16_static (Inductor), bf16_static_graphs (Inductor, mode='reduce-overhead')")
@@ -410,12 +435,15 @@ def main():
     import kvpass
     import triton
 
-    cfg = llama7b_config(args.layers)
+    kvpass_log = _capture_kvpass_log()   # which kernels ran: every fallback is logged once, with its reason
+
+    cfg = llama7b_config(args.layers, args.kv_heads)
     model = build_model(cfg)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     gpu = "cpu-dry-run" if DRY else torch.cuda.get_device_properties(0).name
+    shape = "Llama-2-7B shape" if args.kv_heads == 32 else f"Llama-2-7B shape with 32/{args.kv_heads} heads (GQA)"
     info = dict(gpu=gpu, date=args.date, torch=torch.__version__, triton=triton.__version__,
-                model="Llama-2-7B shape, random bf16 weights", weights_gb=weights / 2**30)
+                model=f"{shape}, random bf16 weights", weights_gb=weights / 2**30)
     print(json.dumps(info))
     inner = "eager" if DRY else "inductor"
     base_fwd = torch.compile(model.forward, backend="eager" if DRY else "inductor", dynamic=True)
@@ -500,14 +528,16 @@ def main():
             traceback.print_exc()
     cols = ["gpu", "date", "torch", "triton", "kind", "loop", "prompt", "batch", "tokens_per_s", "ms_per_step", "peak_gb", "note"]
     extra = sorted({k for r in rows for k in r} - set(cols))
-    name = "decode.csv" if rows else "decode_extras.csv"
+    name = f"{args.name}.csv" if rows else f"{args.name}_extras.csv"
     with open(os.path.join(args.out, name), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + extra)
         w.writeheader()
         for r in rows:
             w.writerow({**{k: info.get(k, "") for k in ("gpu", "date", "torch", "triton")}, **r})
-    with open(os.path.join(args.out, "decode_extra.json" if rows else "decode_extras_only.json"), "w") as f:
-        json.dump(dict(info=info, largest_batch_16k=lb, rows=rows, **extras), f, indent=1, default=str)
+    print("kvpass log lines (kernel choices and fallbacks):", *kvpass_log, sep="\n  ")
+    with open(os.path.join(args.out, f"{args.name}_extra.json" if rows else f"{args.name}_extras_only.json"), "w") as f:
+        json.dump(dict(info=info, largest_batch_16k=lb, rows=rows, kvpass_log=kvpass_log, **extras), f, indent=1,
+                  default=str)
     print("\n| kind | loop | prompt | batch | tokens/s | ms/step | peak GiB | note |")
     for r in rows:
         tps = r.get("tokens_per_s")
