@@ -1249,17 +1249,20 @@ def decode_attention(
     if cfg.use_mma:
         try:
             from kvpass.templates import decode_mma
-        except ImportError as e:  # a Triton without Gluon
+        except (ImportError, AttributeError) as e:  # a Triton without Gluon, or without an API it uses
             decode_mma = None
             _log_once(f"kvpass decode: DecodeConfig.use_mma set but Gluon is not importable ({e}); "
                       "using the Triton kernel")
         if decode_mma is not None:
             why_not = decode_mma.mma_unsupported(spec, lengths, q, Lq, (k_codes, v_codes))
             if why_not is None:
-                return decode_mma.decode_attention_mma(
-                    q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, kv_len=kv_len,
-                    key_bits=key_bits, group_size=group_size, sm_scale=sm_scale, config=cfg, out=out,
-                    host_lengths=(Lq, L), mask=mask_args(attn_mask, q, kv_len))
+                try:
+                    return decode_mma.decode_attention_mma(
+                        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, kv_len=kv_len,
+                        key_bits=key_bits, group_size=group_size, sm_scale=sm_scale, config=cfg, out=out,
+                        host_lengths=(Lq, L), mask=mask_args(attn_mask, q, kv_len))
+                except decode_mma.GluonCompileError as e:  # this Triton cannot build it: the Triton kernel answers
+                    why_not = str(e)
             decode_mma.log_fallback(why_not)
     G = group_size
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale

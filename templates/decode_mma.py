@@ -53,7 +53,8 @@ import logging
 import math
 
 import torch
-import triton  # noqa: F401  (gluon needs triton imported first)
+import triton  # (gluon needs triton imported first)
+from triton.compiler.errors import CompilationError
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
@@ -63,6 +64,13 @@ from kvpass.templates.decode_attention import _log_once
 log = logging.getLogger("kvpass")
 
 BLOCK_N = 32
+
+# Triton API renames the kernel meets on 3.6 and 3.9 (tests/test_decode_mma.py compiles it offline).
+# Global -> shared cp.async: `async_load` in 3.9, where `async_copy_global_to_shared` (3.6) raises
+# "has been removed"; same arguments (smem, pointers, mask).
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+# CTA barrier: `gl.barrier` in newer Triton (3.9 has no `thread_barrier`), `gl.thread_barrier` in 3.6
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 def resident_per_sm(max_regs: int) -> int:
@@ -530,8 +538,8 @@ def _value_loads(vp, VSI, VZI, vsp, t, vt, end, MASKED: gl.constexpr, BITS: gl.c
 def _group_copy(ks_buf, kz_buf, KS, KZ, ks_base, g, cp_off, ok, HEAD_DIM: gl.constexpr):
     """cp.async of key group g's scales and zeros (128 channels each, [NW, n]) into ks_buf, kz_buf, if `ok`."""
     off = ks_base + g * HEAD_DIM + cp_off
-    async_copy.async_copy_global_to_shared(ks_buf, KS + off, mask=(cp_off >= 0) & ok)
-    async_copy.async_copy_global_to_shared(kz_buf, KZ + off, mask=(cp_off >= 0) & ok)
+    _async_load(ks_buf, KS + off, mask=(cp_off >= 0) & ok)
+    _async_load(kz_buf, KZ + off, mask=(cp_off >= 0) & ok)
     async_copy.commit_group()
 
 
@@ -556,7 +564,7 @@ def _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t0, end, GROUP_SIZE:
     if t0 % GROUP_SIZE == 0:
         g = t0 // GROUP_SIZE
         async_copy.wait_group(0)
-        gl.thread_barrier()
+        _cta_barrier()
         _group_copy(ks_smem.index((g + 1) % 2), kz_smem.index((g + 1) % 2), KS, KZ, ks_base, g + 1, cp_off,
                     (g + 1) * GROUP_SIZE < end, HEAD_DIM)
 
@@ -813,12 +821,22 @@ def _kvpass_decode_mma(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
+class GluonCompileError(RuntimeError):
+    """The installed Triton cannot compile `_kvpass_decode_mma` (an API it uses changed): raised by
+    `decode_attention_mma`, after which `mma_unsupported` sends every call to the Triton kernel."""
+
+
+_COMPILE_FAILURE: list[str] = []   # why this process's Triton cannot compile the kernel, once it failed
+
+
 def mma_unsupported(spec, lengths, q, quantized_length=None, codes=()) -> str | None:
     """Why this call cannot use the Gluon kernel (None: it can; masks are taken as
     `decode_attention` takes them). quantized_length: Lq of a
     host-lengths call (lengths None); codes: the key and value code buffers (their rows' vector
     loads, `_lane_loads_asm`, need 16-byte aligned batch/head rows; the store's buffers always are)."""
     import os
+    if _COMPILE_FAILURE:
+        return _COMPILE_FAILURE[0]
     if os.environ.get("TRITON_INTERPRET") == "1" or q.device.type != "cuda":
         return "needs a CUDA device (Gluon kernels have no interpreter)"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
@@ -881,14 +899,19 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     om = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
     ol = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
     mask_kind, mask_t, s_m = mask
-    _kvpass_decode_mma[(S, H, B)](
-        q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, q if mask_t is None else mask_t, op, om, ol,
-        q if host else lengths,
-        q.stride(0), q.stride(1), *part_strides, rs[0], rs[1], *s_m,
-        kv_len, S, host_lengths[0], host_lengths[1], sm_scale * da.LOG2E,
-        BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, HOST_LENS=host, MASK_KIND=mask_kind,
-        MASK_HEADS=mask_kind != 0 and s_m[1] != 0, num_warps=1,
-        **({"maxnreg": config.max_regs} if config.max_regs else {}))
+    try:
+        _kvpass_decode_mma[(S, H, B)](
+            q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, q if mask_t is None else mask_t, op, om, ol,
+            q if host else lengths,
+            q.stride(0), q.stride(1), *part_strides, rs[0], rs[1], *s_m,
+            kv_len, S, host_lengths[0], host_lengths[1], sm_scale * da.LOG2E,
+            BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, HOST_LENS=host, MASK_KIND=mask_kind,
+            MASK_HEADS=mask_kind != 0 and s_m[1] != 0, num_warps=1,
+            **({"maxnreg": config.max_regs} if config.max_regs else {}))
+    except CompilationError as e:   # raised before anything runs: the caller can take another kernel
+        last = (str(e).strip().splitlines() or ["?"])[-1]
+        _COMPILE_FAILURE.append(f"does not compile with Triton {triton.__version__} ({last[:200]})")
+        raise GluonCompileError(_COMPILE_FAILURE[0]) from e
     da._kvpass_decode_reduce[(B * Hq,)](op, om, ol, out, S, HEAD_DIM=D, D_PAD=D,
                                         S_BLOCK=min(64, max(2, da._next_pow2(S))), num_warps=4)
     return out

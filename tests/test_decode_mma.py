@@ -1,7 +1,8 @@
 """The Gluon tensor-core decode kernel (GQA and MHA) (templates/decode_mma.py) vs the fp64 golden and the
 reference, with device lengths, poisoned part rows past Lq and NaN window rows past L - Lq (as
-tests/test_decode_device_lengths.py checks the Triton kernels). GPU only: Gluon has no
-interpreter, so CI on CPU skips these and the device tool runs them."""
+tests/test_decode_device_lengths.py checks the Triton kernels). Gluon has no interpreter, so CI on
+CPU skips those and the device tool runs them; CI does build the kernel for sm_90 offline with its
+own Triton (`test_mma_compiles_for_sm90_with_the_installed_triton`) and checks the fallbacks."""
 from __future__ import annotations
 
 import pytest
@@ -163,3 +164,69 @@ def test_default_gqa_config_falls_back_off_gpu(caplog):
         out = _device_call(q, st, 48, None, cfg, seed=3)
     _assert_close_to_golden(out, q, st, None, 48, cfg)
     assert any("needs a CUDA device" in r.getMessage() for r in caplog.records)
+
+
+def test_a_triton_that_cannot_compile_the_kernel_falls_back(monkeypatch, caplog):
+    """A Triton whose Gluon API changed (Triton 3.9 renamed two calls the kernel makes) must not break
+    decode: the launch's CompilationError sends this call and every later one to the Triton kernel,
+    with one log line naming the Triton version and the error."""
+    from triton.compiler.errors import CompilationError
+
+    from kvpass.templates import decode_mma
+
+    class _Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                raise CompilationError(None, None, "gl.some_call has been removed")
+            return launch
+
+    real_unsupported = decode_mma.mma_unsupported
+    monkeypatch.setattr(decode_mma, "_kvpass_decode_mma", _Unbuildable())
+    monkeypatch.setattr(decode_mma, "_COMPILE_FAILURE", [])
+    # pass the device checks (this runs on the CPU too), keep the compile-failure check
+    monkeypatch.setattr(decode_mma, "mma_unsupported",
+                        lambda *a, **k: decode_mma._COMPILE_FAILURE[0] if decode_mma._COMPILE_FAILURE else None)
+    st = _exact_store(1, 2, 64, 32, 40, 2, 2, 32, BF16, 5)
+    q = _q(1, 8, 64, BF16, 5)
+    cfg = da.DecodeConfig(use_mma=True, use_dot=True, pad_heads=1)
+    da._LOGGED.clear()  # a reason is logged once per process
+    with caplog.at_level("INFO", logger="kvpass"):
+        out = _device_call(q, st, 48, None, cfg, seed=5)
+    _assert_close_to_golden(out, q, st, None, 48, cfg)
+    assert any("does not compile with Triton" in r.getMessage() and "has been removed" in r.getMessage()
+               for r in caplog.records)
+    assert real_unsupported(da.DecodeSpec(2, 2, 32, 128, BF16, rep=4), None, q).startswith("does not compile")
+
+
+# offline builds for sm_90 with the installed Triton (CI's is newer than the device's 3.6): the
+# specializations' corners (bits, G, REP, dtype, length mode, mask kind)
+COMPILE_CASES = [
+    (2, 32, 4, "bf16", False, "none"),
+    (4, 32, 1, "fp16", True, "bool"),
+    (2, 128, 8, "bf16", False, "additive-heads"),
+    (4, 64, 2, "fp16", True, "bool-heads"),
+]
+
+
+@pytest.mark.parametrize("bits,group,rep,dtype,host,mask", COMPILE_CASES)
+def test_mma_compiles_for_sm90_with_the_installed_triton(bits, group, rep, dtype, host, mask):
+    """Gluon kernels cannot run without a GPU, but they compile without one
+    (benchmarks/inspect_sass.py, in a process of its own: under TRITON_INTERPRET=1, which CI sets,
+    the kernel's helpers are built for the interpreter). Catches a Triton API change (and
+    static_assert mistakes) in CI instead of on the device."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no bundled ptxas")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KVPASS_TRITON_INTERPRET")}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "inspect_sass.py"), "--variant", "mma", "--bits",
+           str(bits), "--group", str(group), "--rep", str(rep), "--dtype", dtype, "--mask", mask]
+    run = subprocess.run(cmd + (["--host-lengths"] if host else []), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"mma b{bits} g{group} rep {rep} {dtype}" in run.stdout and "HMMA" in run.stdout, run.stdout
