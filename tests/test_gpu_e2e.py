@@ -28,11 +28,11 @@ MODELS_D128 = {
 }
 
 
-def _model(name, head_dim=64):
+def _model(name):
     import transformers
 
-    cfg_name, cls_name, kw = (MODELS if head_dim == 64 else MODELS_D128)[name]
-    hidden = head_dim * kw["num_attention_heads"]
+    cfg_name, cls_name, kw = {**MODELS, **MODELS_D128}[name]
+    hidden = (128 if name in MODELS_D128 else 64) * kw["num_attention_heads"]
     cfg = getattr(transformers, cfg_name)(vocab_size=97, hidden_size=hidden, intermediate_size=2 * hidden,
                                           num_hidden_layers=2, max_position_embeddings=512, **kw)
     cfg._attn_implementation = "sdpa"
@@ -134,11 +134,11 @@ def test_gpu_gluon_decode_matches_reference_ops(name, cache, mma_launches, monke
     kw = dict(mode="reduce-overhead") if static else {}
     cache_kind = "static" if static else "dynamic"
     monkeypatch.setenv("KVPASS_DISABLE_TRITON", "1")
-    ref = _generate(_model(name, 128).to(torch.bfloat16), "cuda", "eager", cache_kind)
+    ref = _generate(_model(name).to(torch.bfloat16), "cuda", "eager", cache_kind)
     assert not mma_launches
     torch._dynamo.reset()
     monkeypatch.setenv("KVPASS_DISABLE_TRITON", "0")
-    got = _generate(_model(name, 128).to(torch.bfloat16), "cuda", "inductor", cache_kind, **kw)
+    got = _generate(_model(name).to(torch.bfloat16), "cuda", "inductor", cache_kind, **kw)
     assert mma_launches, "the Gluon kernel did not run"
     assert torch.equal(ref.sequences, got.sequences)
     diff = max((a.float() - c.float()).abs().max().item() for a, c in zip(ref.logits, got.logits))
