@@ -1,10 +1,12 @@
-"""What the pass did: per compiled graph, the rewritten sites and the skipped ones, and `explain()`."""
+"""What the pass did: per compiled graph, the rewritten sites and the skipped ones, and `explain()`
+(with which implementation each kvpass op ran through in this process)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
+from kvpass.lowering import paths
 from kvpass.lowering.codecs import make_codec
 
 
@@ -41,6 +43,10 @@ class Report:
         rewritten layers, before and after (quantized part; the residual window of R tokens
         stays full precision).
     graphs: number of distinct graphs the backend compiled.
+    runtime: (op, implementation) pairs that ran in this process so far, in first-run order: which
+        kernel served decode attention, quantize-append and store reads, or the reference with the
+        reason (`kvpass.lowering.paths`; process-wide, autotuning trials included; under CUDA graphs
+        recorded at capture). Empty before the first forward.
     """
 
     rewritten: int
@@ -50,6 +56,7 @@ class Report:
     graphs: int
     sites: list[SiteReport]
     config: object
+    runtime: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         c = self.config
@@ -69,6 +76,9 @@ class Report:
                 lines.append(f"  - {where}: {reason}")
         if not self.sites:
             lines.append("nothing matched: the model runs unmodified (full-precision cache).")
+        if self.runtime:
+            lines.append("ran in this process (op: implementation):")
+            lines += [f"  - {op}: {impl}" for op, impl in self.runtime]
         return "\n".join(lines)
 
 
@@ -81,7 +91,7 @@ def build_report(graph_reports: list[GraphReport], config) -> Report:
         vc = make_codec("value", config.value_bits, config.group_size, s.dtype, s.head_dim_v)
         full += s.kv_heads * (s.head_dim_k + s.head_dim_v) * s.dtype.itemsize
         quant += s.kv_heads * (kc.bytes_per_token(s.head_dim_k) + vc.bytes_per_token(s.head_dim_v))
-    return Report(len(best.sites), skipped, full, quant, len(graph_reports), best.sites, config)
+    return Report(len(best.sites), skipped, full, quant, len(graph_reports), best.sites, config, paths.seen())
 
 
 def explain(backend) -> Report:

@@ -33,6 +33,8 @@ import os
 
 import torch
 
+from kvpass.lowering import paths
+
 log = logging.getLogger("kvpass")
 
 _logged: set[str] = set()
@@ -136,6 +138,10 @@ def attention(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scal
     if why is None:
         return decode_kernels().decode_attention_store(q, store, attn_mask, kv_len, scale)
     _fallback(why)
+    if q.dim() == 4 and q.shape[2] != 1:   # prefill, chunked prefill: this is the path (reads by the dequant kernel)
+        paths.record("attention, multi-token query", "dequantize + SDPA")
+    else:
+        paths.record("decode attention", f"reference (dequantize + SDPA): {why}")
     from kvpass.lowering.ops import attention_reference
 
     return attention_reference(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa)
@@ -165,8 +171,10 @@ def quantize_append_kernel(store):
     logged once; the store then runs its torch reference path)."""
     why = _why_not_append_kernel(store)
     if why is None:
+        paths.record("quantize-append", "Triton kernel")
         return _template("quantize_append")
     _log_once(f"quantize-append: {why}", "kvpass: quantize-append runs the reference (torch codecs): %s", why)
+    paths.record("quantize-append", f"reference (torch codecs): {why}")
     return None
 
 
@@ -192,6 +200,8 @@ def dequantize_kernel(store, kind: str):
     None (the reason is logged once; the store then reads through its torch reference path)."""
     why = _why_not_dequant_kernel(store, kind)
     if why is None:
+        paths.record(f"{kind} reads", "Triton kernel")
         return _template("dequantize")
     _log_once(f"dequantize {kind}s: {why}", "kvpass: %s reads run the reference (torch codecs + cat): %s", kind, why)
+    paths.record(f"{kind} reads", f"reference (torch codecs + cat): {why}")
     return None

@@ -70,6 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvpass.lowering import paths
 from kvpass.templates.decode_configs import (  # noqa: F401  (configs are part of this module's API)
     _DTYPE_NAMES, CONFIG_TABLE, DEFAULT_CONFIG, FALLBACK_CTAS_PER_SM, DecodeConfig, DecodeSpec, autotune_enabled,
     config_key, default_config_for, get_config, kernel_name, length_bucket, resident_programs, rows_warps, save_tuned,
@@ -1257,13 +1258,19 @@ def decode_attention(
             why_not = decode_mma.mma_unsupported(spec, lengths, q, Lq, (k_codes, v_codes))
             if why_not is None:
                 try:
-                    return decode_mma.decode_attention_mma(
+                    result = decode_mma.decode_attention_mma(
                         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, kv_len=kv_len,
                         key_bits=key_bits, group_size=group_size, sm_scale=sm_scale, config=cfg, out=out,
                         host_lengths=(Lq, L), mask=mask_args(attn_mask, q, kv_len))
+                    paths.record("decode attention", "Gluon tensor-core kernel")
+                    return result
                 except decode_mma.GluonCompileError as e:  # this Triton cannot build it: the Triton kernel answers
                     why_not = str(e)
             decode_mma.log_fallback(why_not)
+        paths.record("decode attention", f"Triton {'dot' if cfg.use_dot else 'rows'} kernel (not the Gluon "
+                     f"kernel: {why_not if decode_mma is not None else 'Gluon not importable'})")
+    else:
+        paths.record("decode attention", f"Triton {'dot' if cfg.use_dot else 'rows'} kernel")
     G = group_size
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     D_PAD = max(16, _next_pow2(D))

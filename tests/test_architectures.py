@@ -49,6 +49,24 @@ def test_quantized_matches_eager_simulation(family, attn, bits):
     assert diff <= LOGIT_ATOL[torch.float32]
 
 
+def test_explain_says_which_implementation_ran():
+    """After a generation, `kvpass.explain` lists what served decode attention and the cache writes
+    in this process (on CPU without the interpreter: the reference, with the reason)."""
+    from kvpass.lowering import paths
+
+    paths.clear()
+    model = FAMILIES["llama"][0]("sdpa")
+    b = kvpass.backend(bits=2, group_size=8, residual_length=8, inner="eager")
+    model.compile(backend=b)
+    model.generate(_ids(), **GEN)
+    report = kvpass.explain(b)
+    ops = dict(report.runtime)
+    assert "decode attention" in ops and "quantize-append" in ops, report.runtime
+    if not torch.cuda.is_available():
+        assert ops["decode attention"].startswith("reference") and "no kernel for device cpu" in ops["decode attention"]
+    assert "ran in this process (op: implementation):" in str(report)
+
+
 def test_quantization_changes_something():
     """Guards the simulation test against a no-op: 2-bit logits differ from full precision."""
     model = FAMILIES["llama"][0]("sdpa")

@@ -283,6 +283,25 @@ def test_dispatch_routes_and_logs_fallbacks(caplog, monkeypatch):
     assert "query length 2" in text and "dropout_p=0.1" in text and "is_causal" in text
 
 
+def test_dispatch_records_what_ran_for_explain(monkeypatch):
+    """`kvpass.explain` lists which implementation served each op (kvpass.lowering.paths): here the
+    Triton decode kernel, with why the Gluon one did not run (head_dim 64; on CPU: no CUDA), the
+    reference with its reason (dropout), and the multi-token path."""
+    from kvpass.lowering import paths
+
+    monkeypatch.setenv("KVPASS_TRITON_INTERPRET", "1")
+    st = _make_store(1, 2, 64, 80, 2, 2, 32, 32, torch.float16, 5)
+    q = _q(1, 4, 64, torch.float16, 5)
+    paths.clear()
+    dispatch.attention(q, st, None, st.length, 1, 0.0, False, None, True)
+    dispatch.attention(q, st, None, st.length, 1, 0.1, False, None, True)   # dropout: the reference
+    dispatch.attention(q.expand(1, 4, 2, 64).contiguous(), st, None, st.length, 1, 0.0, False, None, True)
+    decode = [impl for op, impl in paths.seen() if op == "decode attention"]
+    assert decode[0].startswith("Triton") and "not the Gluon kernel" in decode[0], paths.seen()
+    assert ("decode attention", "reference (dequantize + SDPA): dropout_p=0.1") in paths.seen()
+    assert ("attention, multi-token query", "dequantize + SDPA") in paths.seen()
+
+
 def test_dispatch_falls_back_for_full_precision_codec(caplog, monkeypatch):
     monkeypatch.setenv("KVPASS_TRITON_INTERPRET", "1")
     st = KVStore(StoreConfig(16, 16, 32, 32), 1, 2, 64, 64, torch.float16, DEVICE)
