@@ -110,7 +110,7 @@ def main():
                          "its max deviation from the default config is printed too")
     ap.add_argument("--max-regs", type=int, default=0, help="(with --mma) DecodeConfig.max_regs")
     ap.add_argument("--no-mma", action="store_true",
-                    help="the default config with use_mma off (the Triton kernel a GQA call falls back to)")
+                    help="the default config with use_mma off (the Triton kernel a call falls back to)")
     ap.add_argument("--kernel", default=None, help="path of another decode_attention.py to time instead")
     ap.add_argument("--mask", default="none", choices=("none", "bool", "additive"),
                     help="an attention mask [1, 1, 1, kv_len] as HF passes it (attend to the stored tokens, "

@@ -60,23 +60,6 @@ def build_model(cfg):
     return model.to(torch.bfloat16).eval()
 
 
-def _capture_kvpass_log() -> list[str]:
-    """The kvpass logger's INFO lines from now on (kernel choices, fallbacks with their reasons),
-    collected into the returned list for the results file."""
-    import logging
-
-    lines: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    logger = logging.getLogger("kvpass")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(_Collect())
-    return lines
-
-
 def sync():
     if not DRY:
         torch.cuda.synchronize()
@@ -435,8 +418,6 @@ def main():
     import kvpass
     import triton
 
-    kvpass_log = _capture_kvpass_log()   # which kernels ran: every fallback is logged once, with its reason
-
     cfg = llama7b_config(args.layers, args.kv_heads)
     model = build_model(cfg)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -534,9 +515,11 @@ def main():
         w.writeheader()
         for r in rows:
             w.writerow({**{k: info.get(k, "") for k in ("gpu", "date", "torch", "triton")}, **r})
-    print("kvpass log lines (kernel choices and fallbacks):", *kvpass_log, sep="\n  ")
+    from kvpass.lowering import paths
+    ran = [f"{op}: {impl}" for op, impl in paths.seen()]   # which implementation served each kvpass op
+    print("kvpass ops ran through:", *ran, sep="\n  ")
     with open(os.path.join(args.out, f"{args.name}_extra.json" if rows else f"{args.name}_extras_only.json"), "w") as f:
-        json.dump(dict(info=info, largest_batch_16k=lb, rows=rows, kvpass_log=kvpass_log, **extras), f, indent=1,
+        json.dump(dict(info=info, largest_batch_16k=lb, rows=rows, kvpass_paths=ran, **extras), f, indent=1,
                   default=str)
     print("\n| kind | loop | prompt | batch | tokens/s | ms/step | peak GiB | note |")
     for r in rows:
