@@ -4,7 +4,8 @@ the one with LOP3/FFMA/LDG of codes; the window loop can be the longer one), and
 on recent global loads (`sass_waits`: the cause of most "same SASS, 10-30 % slower" builds).
 
     PYTHONPATH=. python3 benchmarks/inspect_sass.py [--variant rows|dot|mma] [--block-n 32] [--warps 2]
-        [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--stages 2] [--maxnreg N] [--hb 4] [--dump FILE]
+        [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--stages 2] [--maxnreg N] [--hb 4] [--softcap C]
+        [--dump FILE]
 
 `--variant mma` is the Gluon kernel (templates/decode_mma.py; --rep, --dtype, --mask). Per loop the
 report also says how soon its global loads are first read within the same iteration (a prefetch
@@ -38,7 +39,8 @@ _UNSPECIALIZED = set(da._DNS)
 
 def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: int, warps: int, use_asm: bool,
                    fuse_reduce: bool = True, device_lengths: bool = False, single: bool = False,
-                   num_stages: int = 2, maxnreg: int | None = None, hb: int = 4, rep: int | None = None):
+                   num_stages: int = 2, maxnreg: int | None = None, hb: int = 4, rep: int | None = None,
+                   softcap: float = 0.0):
     """The kernel compiled for sm_90 as the launcher specializes it (bf16 model, strides % 16; checked
     against the cubins of real launches on the device, session 9): REP == 1 becomes a constant,
     a single-split launch passes `out` (bf16) for OP/OM/OL/CNT. rep: query heads per program's KV
@@ -48,7 +50,7 @@ def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: 
     rep = (1 if variant == "rows" else hb) if rep is None else rep
     const = dict(KEY_BITS=bits, VALUE_BITS=bits, GROUP_SIZE=group, HEAD_DIM=head_dim, D_PAD=d_pad,
                  BLOCK_N=block_n, MASK_KIND=0, SINGLE=single, LENGTHS_ON_DEVICE=device_lengths, USE_ASM=use_asm,
-                 FUSE_REDUCE=fuse_reduce and not single)
+                 FUSE_REDUCE=fuse_reduce and not single, SOFTCAP=softcap * da.LOG2E)
     if rep == 1:
         const["REP"] = 1
     if not device_lengths:
@@ -69,7 +71,7 @@ def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: 
 
 
 def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnreg: int | None = None,
-                host_lengths: bool = False, mask: str = "none"):
+                host_lengths: bool = False, mask: str = "none", softcap: float = 0.0):
     """The Gluon kernel `_kvpass_decode_mma` compiled for sm_90 as `decode_attention_mma` launches it
     (one warp, pointers and strides % 16 except the runtime lengths, qk_scale and the mask's key
     stride; device lengths unless host_lengths; mask none, bool or additive, the same for all
@@ -80,14 +82,15 @@ def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnre
     names = list(fn.arg_names)
     kind = mask.split("-")[0]
     const = dict(BITS=bits, GROUP_SIZE=group, HEAD_DIM=128, REP=rep, HOST_LENS=host_lengths,
-                 MASK_KIND={"none": 0, "bool": 1, "additive": 2}[kind], MASK_HEADS=mask.endswith("-heads"))
+                 MASK_KIND={"none": 0, "bool": 1, "additive": 2}[kind], MASK_HEADS=mask.endswith("-heads"),
+                 SOFTCAP=softcap * da.LOG2E)
     ptr = dict(Q=f"*{dtype}", KC="*i32", KS="*fp16", KZ="*fp16", VC="*i32", VS="*fp16", VZ="*fp16", RK=f"*{dtype}",
                RV=f"*{dtype}", MASK="*u8" if kind == "bool" else f"*{dtype}", OP="*fp32", OM="*fp32", OL="*fp32",
                LENS="*i32")
     sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in const and n not in ("KV_LEN", "NUM_SPLITS_RT", "LQ_HOST", "L_HOST", "qk_scale", "s_mk")}
-    src = GluonASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
+    src = GluonASTSource(fn, sig, {(names.index(k),): v for k, v in const.items() if k in names}, attrs)
     opts = dict(num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
@@ -184,6 +187,7 @@ def main():
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (DecodeConfig.max_regs)")
     ap.add_argument("--old-reduce", action="store_true", help="the session-7 two-pass reduce (benchmarks/ab_decode.py)")
     ap.add_argument("--reduce-block", type=int, default=0, help="splits per round of the one-pass fused reduce")
+    ap.add_argument("--softcap", type=float, default=0.0, help="the model's logit softcap (0: none; Gemma2: 50)")
     ap.add_argument("--dump", default=None, help="write the SASS here")
     ap.add_argument("--kernel", default=None, help="path of another decode_attention.py to compile instead")
     a = ap.parse_args()
@@ -195,13 +199,14 @@ def main():
     from benchmarks.ab_decode import use_variant
     use_variant(a.old_reduce, a.reduce_block)
     if a.variant == "mma":
-        k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg, a.host_lengths, a.mask)
+        k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg, a.host_lengths, a.mask, a.softcap)
         report, sass = sass_report(k)
         lens = "host" if a.host_lengths else "device"
         print(f"mma b{a.bits} g{a.group} rep {a.rep or 4} {a.dtype} {lens} lengths: {report}")
     else:
         k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm,
-                           not a.separate_reduce, a.device_lengths, a.single, a.stages, a.maxnreg, a.hb, a.rep)
+                           not a.separate_reduce, a.device_lengths, a.single, a.stages, a.maxnreg, a.hb, a.rep,
+                           a.softcap)
         report, sass = sass_report(k)
         print(f"{a.variant} b{a.bits} g{a.group} d{a.head_dim} BLOCK_N {a.block_n}, {a.warps} warps: {report}")
     if a.dump:

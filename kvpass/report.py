@@ -17,7 +17,7 @@ class SiteReport:
     where: str
     attention: str  # "sdpa" | "eager"
     write: str  # "append" (DynamicCache cat) | "positional" (StaticCache / own buffers)
-    read: str  # "fused sdpa" | "dequant" | both
+    read: str  # "fused sdpa" | "fused eager" | "dequant" | a fused kind + dequant
     kv_heads: int
     head_dim_k: int
     head_dim_v: int

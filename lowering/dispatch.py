@@ -8,7 +8,8 @@
     * keys and values are both KIVI-quantized (bits 2/4/8, not 16) in q's dtype with a group
       size and head_dim the kernel supports;
     * the heads map like the reference (repeat_kv by kv_repeat, then SDPA's enable_gqa);
-    * the mask is None, bool, or additive in q's dtype, broadcastable to [B, Hq, 1, kv_len].
+    * the mask is None, bool, or additive in q's dtype, broadcastable to [B, Hq, 1, kv_len];
+    * any logit softcap (every decode kernel applies it; the reference writes the attention out).
 kv_len may differ from the store's length: columns past the store read as zero keys and values
 in the reference (static caches) and the kernel reproduces exactly that; kv_len < length
 attends the first kv_len tokens, like the reference's slice.
@@ -133,18 +134,21 @@ def _why_not_kernel(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal
     return _mask_ok(attn_mask, q, kv_len)
 
 
-def attention(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa):
+def attention(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa, softcap=0.0,
+              eager=False):
     why = _why_not_kernel(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, enable_gqa)
     if why is None:
-        return decode_kernels().decode_attention_store(q, store, attn_mask, kv_len, scale)
+        return decode_kernels().decode_attention_store(q, store, attn_mask, kv_len, scale, softcap=softcap)
     _fallback(why)
+    impl = "dequantize + written-out attention (fp32)" if softcap or eager else "dequantize + SDPA"
     if q.dim() == 4 and q.shape[2] != 1:   # prefill, chunked prefill: this is the path (reads by the dequant kernel)
-        paths.record("attention, multi-token query", "dequantize + SDPA")
+        paths.record("attention, multi-token query", impl)
     else:
-        paths.record("decode attention", f"reference (dequantize + SDPA): {why}")
+        paths.record("decode attention", f"reference ({impl}): {why}")
     from kvpass.lowering.ops import attention_reference
 
-    return attention_reference(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa)
+    return attention_reference(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa,
+                               softcap, eager)
 
 
 def _why_not_append_kernel(store) -> str | None:

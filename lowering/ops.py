@@ -9,14 +9,19 @@
         everything from positions[0] on is replaced. Returns a 1-element token registered to
         the store: readers take it, which orders them after the write.
     kvpass::attention(q, token, attn_mask?, kv_len, kv_repeat, head_dim_v, dropout_p, is_causal,
-                      scale?, enable_gqa) -> [B, Hq, Tq, Dv]
+                      scale?, enable_gqa, softcap=0.0, eager=False) -> [B, Hq, Tq, Dv]
         SDPA of q [B, Hq, Tq, D] over the store's first kv_len tokens, with the SDPA arguments
-        the model passed. kv_repeat > 1 reproduces a `repeat_kv` that fed SDPA.
+        the model passed. kv_repeat > 1 reproduces a `repeat_kv` that fed SDPA. softcap > 0:
+        the scores q.k * scale become softcap * tanh(scores / softcap) before the mask (Gemma2's
+        logit softcapping; the pass lifts it, with scale and mask, out of eager attention code).
+        eager: the site was the model's own eager attention code (the reference then writes the
+        attention out in that order, `written_out_attention`, instead of calling SDPA).
     kvpass::dequant(token, which, shape) -> [B, H, kv_len, D]
         The store's keys (which=0) or values (which=1), dequantized: for any other reader.
 
 CPU (and every device without a kernel) runs the plain-torch reference: dequantize in fp32,
-cast to the model dtype, call torch's SDPA with the model's own arguments.
+cast to the model dtype, call torch's SDPA with the model's own arguments (for eager sites and
+softcaps, which SDPA has no argument for: the attention written out in fp32, in eager order).
 """
 from __future__ import annotations
 
@@ -148,10 +153,41 @@ def repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[:, :, None].expand(B, H, n, T, D).reshape(B, H * n, T, D)
 
 
-def attention_reference(q, store: KVStore, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa):
-    """The oracle: dequantize the store (fp32 math, model dtype) and run torch's SDPA as the model did."""
+def written_out_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap: float):
+    """SDPA's semantics written out in fp32, with logit softcapping when softcap > 0:
+    softmax(cap(q k^T * scale) + mask) v, cap(x) = softcap * tanh(x / softcap), for q [B, Hq, Tq, D],
+    k/v [B, H, T, D] (H = Hq, or Hq / n with enable_gqa). The order of operations is HF's eager
+    attention (scale, softcap, mask, fp32 softmax), so an fp32 eager model is reproduced exactly.
+    Returns q's dtype."""
+    if dropout_p > 0.0:
+        raise ValueError(f"kvpass attention: an eager or softcapped site with dropout_p={dropout_p} is not "
+                         "supported (inference only: call model.eval())")
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        k, v = repeat_heads(k, q.shape[1] // k.shape[1]), repeat_heads(v, q.shape[1] // v.shape[1])
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale      # [B, Hq, Tq, T]
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    if is_causal:  # SDPA's is_causal: top-left aligned lower triangle
+        if attn_mask is not None:
+            raise ValueError("kvpass attention: pass attn_mask or is_causal=True, not both (as SDPA)")
+        tq, t = s.shape[-2:]
+        attn_mask = torch.ones(tq, t, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, v.float()).to(q.dtype)
+
+
+def attention_reference(q, store: KVStore, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa,
+                        softcap: float = 0.0, eager: bool = False):
+    """The oracle: dequantize the store (fp32 math, model dtype) and run torch's SDPA as the model did
+    (`written_out_attention` for eager sites and softcaps)."""
     k = repeat_heads(store.read_keys(kv_len), kv_repeat)  # [B, Hkv * rep, kv_len, Dk]
     v = repeat_heads(store.read_values(kv_len), kv_repeat)
+    if softcap or eager:
+        return written_out_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask, dropout_p, is_causal, scale,
+                                     enable_gqa, softcap).contiguous()
     out = F.scaled_dot_product_attention(
         q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, dropout_p=dropout_p,
         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
@@ -171,15 +207,19 @@ def attention(
     is_causal: bool,
     scale: Optional[float],
     enable_gqa: bool,
+    softcap: float = 0.0,
+    eager: bool = False,
 ) -> torch.Tensor:
     store = _store_of(token)
     from kvpass.lowering import dispatch  # device kernels, when there are any
 
-    return dispatch.attention(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa)
+    return dispatch.attention(q, store, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa,
+                              softcap, eager)
 
 
 @attention.register_fake
-def _(q, token, attn_mask, kv_len, kv_repeat, head_dim_v, dropout_p, is_causal, scale, enable_gqa):
+def _(q, token, attn_mask, kv_len, kv_repeat, head_dim_v, dropout_p, is_causal, scale, enable_gqa, softcap=0.0,
+      eager=False):
     B, Hq, Tq, _ = q.shape
     return q.new_empty(B, Hq, Tq, head_dim_v)
 

@@ -20,6 +20,9 @@ Constexprs:
     HB                     (dot) query rows per program: REP rounded up to a power of 2, or padded to
                            DecodeConfig.pad_heads
     MASK_KIND              0 none, 1 bool (True = attend), 2 additive float
+    SOFTCAP                0.0: none; else the model's logit softcap c times log2(e): scores become
+                           c * tanh(score / c) before the mask (Gemma2), applied in the log2 domain
+                           (`_softcap`). A model constant, so one specialization per model.
     SINGLE                 one split: write the output directly (no reduce)
     FUSE_REDUCE            several splits: the last program of a row (rows) or KV head (dot) reduces
                            them (`_last_split`, counters in CNT int32, zero between launches)
@@ -35,7 +38,7 @@ Constexprs:
     num_warps, num_stages  launch options (DecodeConfig)
 Invalid combinations fail a tl.static_assert at compile time; `check_spec` says so before launch.
 
-Math (log2 domain, qk_scale = sm_scale * log2(e)):
+Math (log2 domain, qk_scale = sm_scale * log2(e); softcap c: s -> c' tanh(s / c'), c' = c log2(e)):
   keys   k[t, d] = c[t, d] * s[g(t), d] + z[g(t), d]     per-channel scales over G tokens, so
          q . k[t] = sum_d (q_d s_d) c[t, d] + sum_d q_d z_d: the scale is folded into q once per
          key group and the codes go straight into the dot;
@@ -393,6 +396,15 @@ def _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _softcap(s, CAP: tl.constexpr):
+    """CAP * tanh(s / CAP) for log2-domain scores s (CAP = softcap * log2(e): the model's
+    softcap * tanh(x / softcap) of natural-log scores x = s / log2(e), in the log2 domain).
+    tanh(y) = 1 - 2 / (e^(2y) + 1): exact 0 at 0 (the zero tail keeps score 0), +-CAP at +-inf."""
+    e = tl.exp2(s * (2.0 * 1.4426950408889634 / CAP))
+    return CAP - (2.0 * CAP) / (e + 1.0)
+
+
+@triton.jit
 def _rows_key_scales(t0, end, KS, KZ, ks_base, gi, d, HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr):
     """Scale and zero [KGROUPS, D_PAD] of the key groups of the rows kernel's step at t0 (groups
     whose first token is >= end are masked, also whole steps past end)."""
@@ -475,11 +487,13 @@ def _window_loads_rows(rk_base, rv_base, r, in_res, HEAD_DIM: tl.constexpr, D_PA
 
 @triton.jit
 def _window_math_rows(k, v, tok, tok_ok, q, v_high, m, acc, accz, l_r, MASK, mask_row, s_mk,
-                      GROUP_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
+                      GROUP_SIZE: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr = 0.0):
     """One step of the rows variant over loaded window rows k, v (`_window_loads_rows`; tokens tok,
     those with tok_ok False not attended), values scaled by v_high into the accumulator's code scale."""
     D_PAD: tl.constexpr = q.shape[0]
     s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+    if SOFTCAP > 0.0:
+        s = _softcap(s, SOFTCAP)
     s += _mask_bias(MASK, mask_row, tok, tok_ok, s_mk, MASK_KIND)
     s = tl.where(tok_ok, s, float("-inf"))
     p, m, acc, accz, l_r = _lazy_softmax_rows(s, m, acc, accz, l_r)
@@ -490,14 +504,15 @@ def _window_math_rows(k, v, tok, tok_ok, q, v_high, m, acc, accz, l_r, MASK, mas
 
 @triton.jit
 def _window_step_rows(rk_base, rv_base, r, in_res, tok, tok_ok, q, v_high, m, acc, accz, l_r, MASK, mask_row, s_mk,
-                      HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, MASK_KIND: tl.constexpr,
+                      SOFTCAP: tl.constexpr = 0.0):
     """One step of the rows variant over full-precision window rows r (tokens tok; rows with
     in_res False read zeros, tokens with tok_ok False are not attended): keys and values are
     loaded together (one round trip per step), values scaled by v_high into the accumulator's
     code scale."""
     k, v = _window_loads_rows(rk_base, rv_base, r, in_res, HEAD_DIM, q.shape[0])
     return _window_math_rows(k, v, tok, tok_ok, q, v_high, m, acc, accz, l_r, MASK, mask_row, s_mk, GROUP_SIZE,
-                             MASK_KIND)
+                             MASK_KIND, SOFTCAP)
 
 
 @triton.jit
@@ -573,7 +588,7 @@ def _kvpass_decode_rows(
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, LENGTHS_ON_DEVICE: tl.constexpr, USE_ASM: tl.constexpr = False,
-    FUSE_REDUCE: tl.constexpr = False,
+    FUSE_REDUCE: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0,
 ):
     """CUDA-core variant: one query head per program; each thread owns whole token rows, so the
     q.k dot is an in-thread FMA chain and P.V accumulates per row in registers (rows are summed
@@ -680,6 +695,9 @@ def _kvpass_decode_rows(
             qz = tl.sum(q[None, :] * qz.to(tl.float32), axis=1)              # qz held this step's zeros
         sa = tl.reshape(_dot_planes(kwa, qs, KEY_BITS, RAW) + qz[:, None], (HALF,))
         sb = tl.reshape(_dot_planes(kwb, qs, KEY_BITS, RAW) + qz[:, None], (HALF,))
+        if SOFTCAP > 0.0:
+            sa = _softcap(sa, SOFTCAP)
+            sb = _softcap(sb, SOFTCAP)
         toka = t0 + rows
         tokb = toka + TPG2
         sa = tl.where(toka < end, sa + _mask_bias(MASK, mask_row, toka, toka < end, s_mk, MASK_KIND), float("-inf"))
@@ -715,7 +733,7 @@ def _kvpass_decode_rows(
             r = r + HALF * NUM_SPLITS_RT
             k_n, v_n = _window_loads_rows(rk_base, rv_base, r, r < nw, HEAD_DIM, D_PAD)
             m, acc, accz, l_r = _window_math_rows(k_c, v_c, Lq + r_c, r_c < nw, q, v_high, m, acc, accz, l_r, MASK,
-                                                  mask_row, s_mk, GROUP_SIZE, MASK_KIND)
+                                                  mask_row, s_mk, GROUP_SIZE, MASK_KIND, SOFTCAP)
         t_start, t_end = _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT)
         if MASK_KIND == 0:   # score 0, value 0: closed form
             m, acc, accz, l_r = _zero_tail_rows(t_end - t_start, m, acc, accz, l_r, wrows)
@@ -735,7 +753,7 @@ def _kvpass_decode_rows(
                 tok = t0 + wrows
                 m, acc, accz, l_r = _window_step_rows(rk_base, rv_base, tok - Lq, tok < L, tok, tok < KV_LEN, q, v_high,
                                                       m, acc, accz, l_r, MASK, mask_row, s_mk, HEAD_DIM, GROUP_SIZE,
-                                                      MASK_KIND)
+                                                      MASK_KIND, SOFTCAP)
 
     l_sum = tl.sum(l_r, axis=0)
     o = tl.reshape(tl.sum(acc, axis=0), (D_PAD,)) * v_low + tl.reshape(tl.broadcast_to(tl.sum(accz, axis=0)[:, None], (NG_PAD, GROUP_SIZE)), (D_PAD,))
@@ -766,7 +784,7 @@ def _to_tile_order(x, BITS: tl.constexpr):
 @triton.jit
 def _window_step_heads(rk_base, rv_base, r, in_res, tok_ok, qn, m_i, acc, l_i, qk_scale, MASK, mask_row, tok, h_ok,
                        s_mk, HEAD_DIM: tl.constexpr, VALUE_BITS: tl.constexpr, MASK_KIND: tl.constexpr,
-                       EMULATE_DOT: tl.constexpr):
+                       EMULATE_DOT: tl.constexpr, SOFTCAP: tl.constexpr = 0.0):
     """One step of the dot variant over full-precision window rows r (tokens tok; rows with in_res
     False read zeros, columns with tok_ok False are not attended): keys and values loaded in
     natural channel order, q in natural order qn [HB, D_PAD] (model dtype) for the scores, the
@@ -777,6 +795,8 @@ def _window_step_heads(rk_base, rv_base, r, in_res, tok_ok, qn, m_i, acc, l_i, q
     k = tl.load(rk_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0)
     v = tl.load(rv_base + r[:, None] * HEAD_DIM + d[None, :], mask=ld_mask, other=0.0)  # with k: one round trip
     s = _dot(qn, tl.trans(k), EMULATE_DOT) * qk_scale
+    if SOFTCAP > 0.0:
+        s = _softcap(s, SOFTCAP)
     s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
     s = tl.where(tok_ok[None, :], s, float("-inf"))
     p, m_i, acc, l_i = _lazy_softmax_heads(s, m_i, acc, l_i)
@@ -793,7 +813,7 @@ def _kvpass_decode_dot(
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr,
     MASK_KIND: tl.constexpr, SINGLE: tl.constexpr, USE_ASM: tl.constexpr, EMULATE_DOT: tl.constexpr,
-    LENGTHS_ON_DEVICE: tl.constexpr, FUSE_REDUCE: tl.constexpr = False,
+    LENGTHS_ON_DEVICE: tl.constexpr, FUSE_REDUCE: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0,
 ):
     """Tensor-core variant: the REP query heads of one KV head, padded to HB >= 16 rows, in one
     program (GQA/MQA; MHA pads 1 row to 16, which the tensor cores absorb). Per step one key group
@@ -886,6 +906,8 @@ def _kvpass_decode_dot(
         kz = tl.load(KZ + ks_base + grp * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
         qz = tl.sum(qn * kz[None, :], axis=1)
         s = (_dot((q * ks[None, :]).to(KDT), tl.trans(kcode), EMULATE_DOT) + qz[:, None]) * qk_scale
+        if SOFTCAP > 0.0:
+            s = _softcap(s, SOFTCAP)
         s += _mask_bias(MASK, mask_row, tok[None, :], h_ok[:, None] & tok_ok[None, :], s_mk, MASK_KIND)
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         # ---- lazy online softmax
@@ -918,7 +940,7 @@ def _kvpass_decode_dot(
             in_res = r < nw
             m_i, acc, l_i = _window_step_heads(rk_base, rv_base, r, in_res, in_res, qn_dt, m_i, acc, l_i, qk_scale,
                                                MASK, mask_row, Lq + r, h_ok, s_mk, HEAD_DIM, VALUE_BITS, MASK_KIND,
-                                               EMULATE_DOT)
+                                               EMULATE_DOT, SOFTCAP)
         t_start, t_end = _tail_share(L, KV_LEN, pid_s, NUM_SPLITS_RT)
         if MASK_KIND == 0:   # score 0, value 0: closed form
             m_i, acc, l_i = _zero_tail_heads(t_end - t_start, m_i, acc, l_i)
@@ -938,7 +960,7 @@ def _kvpass_decode_dot(
                 tok = t0 + nb
                 m_i, acc, l_i = _window_step_heads(rk_base, rv_base, tok - Lq, tok < L, tok < KV_LEN, qn_dt, m_i, acc,
                                                    l_i, qk_scale, MASK, mask_row, tok, h_ok, s_mk, HEAD_DIM,
-                                                   VALUE_BITS, MASK_KIND, EMULATE_DOT)
+                                                   VALUE_BITS, MASK_KIND, EMULATE_DOT, SOFTCAP)
 
     if SINGLE:
         orow = pid_b * tl.num_programs(1) * REP + hq
@@ -1185,9 +1207,10 @@ def decode_attention(
     quantized_length: int | None = None, length: int | None = None, kv_len: int | None = None,
     sm_scale: float | None = None, attn_mask: torch.Tensor | None = None,
     config: DecodeConfig | None = None, out: torch.Tensor | None = None,
-    lengths: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None, softcap: float = 0.0,
 ) -> torch.Tensor:
-    """softmax(q K^T * sm_scale + mask) V for q [B, Hq, 1, D] over a KIVI store.
+    """softmax(cap(q K^T * sm_scale) + mask) V for q [B, Hq, 1, D] over a KIVI store, where
+    cap(x) = softcap * tanh(x / softcap) when softcap > 0 (Gemma2's logit softcapping), else x.
 
     k_codes/v_codes uint8 [B, H, cap, D*bits/8] (tokens [0, Lq) valid), k_scale/k_zero
     [B, H, cap/G, D], v_scale/v_zero [B, H, cap, D/G] (last two dims contiguous).
@@ -1214,6 +1237,8 @@ def decode_attention(
     """
     B, Hq, Tq, D = q.shape
     assert Tq == 1, "decode kernel takes one query token"
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"kvpass decode kernel: softcap must be a finite float >= 0 (0: none), got {softcap!r}")
     H = res_k.shape[1]
     assert Hq % H == 0, f"query heads {Hq} must be a multiple of kv heads {H}"
     rep = Hq // H
@@ -1243,7 +1268,7 @@ def decode_attention(
             return decode_attention(
                 q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, key_bits=key_bits,
                 value_bits=value_bits, group_size=group_size, quantized_length=quantized_length, length=length,
-                kv_len=kv_len, sm_scale=sm_scale, attn_mask=attn_mask, config=c, lengths=lengths)
+                kv_len=kv_len, sm_scale=sm_scale, attn_mask=attn_mask, config=c, lengths=lengths, softcap=softcap)
 
         config = get_config(spec, kv_len, B, tune_with if autotune_enabled() else None)
     cfg = config
@@ -1261,7 +1286,7 @@ def decode_attention(
                     result = decode_mma.decode_attention_mma(
                         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, kv_len=kv_len,
                         key_bits=key_bits, group_size=group_size, sm_scale=sm_scale, config=cfg, out=out,
-                        host_lengths=(Lq, L), mask=mask_args(attn_mask, q, kv_len))
+                        host_lengths=(Lq, L), mask=mask_args(attn_mask, q, kv_len), softcap=softcap)
                     paths.record("decode attention", "Gluon tensor-core kernel")
                     return result
                 except decode_mma.GluonCompileError as e:  # this Triton cannot build it: the Triton kernel answers
@@ -1294,6 +1319,8 @@ def decode_attention(
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.max_regs and not interp:
         common["maxnreg"] = cfg.max_regs
+    if softcap:  # only then: calls without softcap launch exactly the specializations they always did
+        common["SOFTCAP"] = float(softcap) * LOG2E
     if use_dot:
         common.update(HB=max(cfg.pad_heads, _next_pow2(rep)), EMULATE_DOT=interp,
                       USE_ASM=(not interp) and q.dtype != torch.float32 and cfg.use_asm)
@@ -1365,7 +1392,7 @@ def store_spec(store, q: torch.Tensor) -> DecodeSpec:
                       q.shape[1] // store.H)
 
 
-def decode_attention_store(q, store, attn_mask=None, kv_len=None, sm_scale=None, config=None, out=None):
+def decode_attention_store(q, store, attn_mask=None, kv_len=None, sm_scale=None, config=None, out=None, softcap=0.0):
     """`decode_attention` over a kvpass KVStore (kvpass/store.py). A store in device-lengths mode
     (`store.device_lengths` not None) is read through its device lengths and whole window buffers
     (capturable; kv_len required); otherwise through its host lengths and window views."""
@@ -1381,5 +1408,5 @@ def decode_attention_store(q, store, attn_mask=None, kv_len=None, sm_scale=None,
         q, kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"], res_k, res_v,
         key_bits=store.cfg.key_bits, value_bits=store.cfg.value_bits, group_size=store.cfg.group_size,
         quantized_length=Lq, length=L, kv_len=kv_len, sm_scale=sm_scale,
-        attn_mask=attn_mask, config=config, out=out, lengths=lengths,
+        attn_mask=attn_mask, config=config, out=out, lengths=lengths, softcap=softcap,
     )

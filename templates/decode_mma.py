@@ -4,7 +4,8 @@ lengths (eager steps, dynamic caches). GPU only (Gluon has no interpreter), chec
 reference by tests/test_decode_mma.py on the device; `decode_attention` uses it when
 `DecodeConfig.use_mma` is set (the default) and `mma_unsupported` accepts the call (head_dim 128,
 bits 2/4, ...), else the Triton kernel with a log line. Attention masks (bool or additive, per batch
-row or per head) are applied to the scores; HF passes one at every decode step.
+row or per head) are applied to the scores; HF passes one at every decode step. A logit softcap
+(Gemma2) is applied to the scores before the mask (SOFTCAP).
 
 Why: the Triton tensor-core variant (`_kvpass_decode_dot`) spends ~1450 thread-instructions per
 token and KV head (SASS, 2-bit G32, 4 query heads): Triton stages the unpacked codes through shared
@@ -570,13 +571,25 @@ def _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t0, end, GROUP_SIZE:
 
 
 @gluon.jit
+def _softcap(s, CAP: gl.constexpr):
+    """CAP * tanh(s / CAP) of log2-domain scores (CAP = the model's softcap * log2(e)); the Gluon twin
+    of decode_attention's `_softcap` (Gluon kernels cannot call triton.jit helpers)."""
+    e = gl.exp2(s * (2.0 * 1.4426950408889634 / CAP))
+    return CAP - (2.0 * CAP) / (e + 1.0)
+
+
+@gluon.jit
 def _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, t0, BITS: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                 FOLD: gl.constexpr, WK: gl.constexpr):
+                 FOLD: gl.constexpr, WK: gl.constexpr, SOFTCAP: gl.constexpr):
     """Scores [32 tok, 8 heads] (log2 domain) of the 32-token step at t0 from its key words, S = K q
-    (keys dequantized in the A operand; the group's scales from shared memory, `_group_begin`)."""
+    (keys dequantized in the A operand; the group's scales from shared memory, `_group_begin`),
+    softcapped when SOFTCAP > 0."""
     g = t0 // GROUP_SIZE
     s2, z2 = _key_pairs(ks_smem.index(g % 2), kz_smem.index(g % 2), BITS, FOLD)
-    return mma_v2(_key_vals(kw, s2, z2, BITS, FOLD, WK), q16, gl.zeros([32, 8], gl.float32, MMA)) * qk_keys
+    s = mma_v2(_key_vals(kw, s2, z2, BITS, FOLD, WK), q16, gl.zeros([32, 8], gl.float32, MMA)) * qk_keys
+    if SOFTCAP > 0.0:
+        s = _softcap(s, SOFTCAP)
+    return s
 
 
 @gluon.jit
@@ -629,12 +642,13 @@ def _kvpass_decode_mma(
     s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh, s_mb, s_mh, s_mk,
     KV_LEN, NUM_SPLITS_RT, LQ_HOST, L_HOST, qk_scale,
     BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, REP: gl.constexpr,
-    HOST_LENS: gl.constexpr, MASK_KIND: gl.constexpr, MASK_HEADS: gl.constexpr,
+    HOST_LENS: gl.constexpr, MASK_KIND: gl.constexpr, MASK_HEADS: gl.constexpr, SOFTCAP: gl.constexpr = 0.0,
 ):
     """Constexprs: BITS (2, 4), GROUP_SIZE (32, 64, 128: one group per 32-token step or a multiple),
     HEAD_DIM (128), REP (1..8), HOST_LENS (Lq, L from LQ_HOST, L_HOST instead of LENS[0], LENS[1]),
     MASK_KIND (0 none, 1 bool as uint8, 2 additive in q's dtype; MASK [B, Hq, 1, KV_LEN] by strides
-    s_mb, s_mh, s_mk), MASK_HEADS (the mask differs between heads: s_mh != 0).
+    s_mb, s_mh, s_mk), MASK_HEADS (the mask differs between heads: s_mh != 0), SOFTCAP (0.0 none, else
+    the model's logit softcap times log2(e), applied to the scores before the mask: `_softcap`).
     Grid (splits, Hkv, B), one warp. Writes the split's (acc, m, l) for `_kvpass_decode_reduce`, as
     `_kvpass_decode_dot` does. The mask values of a step's scores are loaded with its keys, one
     iteration before they are read (as the keys are)."""
@@ -720,14 +734,14 @@ def _kvpass_decode_mma(
             mv = _mask_vals(MASK, mrow, start + st, None, s_mk, MASK_KIND, MASK_HEADS)
             mv_n = _mask_vals(MASK, mrow, gl.minimum(start + 32, t_full - 32) + st, None, s_mk, MASK_KIND, MASK_HEADS)
         _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, start, end, GROUP_SIZE, HEAD_DIM)
-        s_c = _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, start, BITS, GROUP_SIZE, FOLD, WK)
+        s_c = _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, start, BITS, GROUP_SIZE, FOLD, WK, SOFTCAP)
         if MASK_KIND != 0:
             s_c = s_c + _mask_bias(mv, MASK_KIND, MASK_HEADS)
         mb_c = gl.max(s_c, axis=0)
         for t0 in range(start, t_full - 32, 32):
             _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t0 + 32, end, GROUP_SIZE, HEAD_DIM)
             m_i, acc, l_i = _step_values(s_c, mb_c, vw, vs_c, vz_c, m_i, acc, l_i, BITS, FOLD)
-            s_c = _step_scores(kw_n, ks_smem, kz_smem, q16, qk_keys, t0 + 32, BITS, GROUP_SIZE, FOLD, WK)
+            s_c = _step_scores(kw_n, ks_smem, kz_smem, q16, qk_keys, t0 + 32, BITS, GROUP_SIZE, FOLD, WK, SOFTCAP)
             if MASK_KIND != 0:
                 s_c = s_c + _mask_bias(mv_n, MASK_KIND, MASK_HEADS)
             mb_c = gl.max(s_c, axis=0)
@@ -746,7 +760,7 @@ def _kvpass_decode_mma(
         kw = _key_loads(kp, t_full, kt, end, True, BITS)
         vw, vs_c, vz_c = _value_loads(vp, VSI, VZI, vsp, t_full, vt, end, True, BITS, NG)
         _group_begin(ks_smem, kz_smem, KS, KZ, ks_base, cp_off, t_full, end, GROUP_SIZE, HEAD_DIM)
-        s = _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, t_full, BITS, GROUP_SIZE, FOLD, WK)
+        s = _step_scores(kw, ks_smem, kz_smem, q16, qk_keys, t_full, BITS, GROUP_SIZE, FOLD, WK, SOFTCAP)
         if MASK_KIND != 0:
             s = s + _mask_bias(_mask_vals(MASK, mrow, t_full + st, t_full + st < end, s_mk, MASK_KIND, MASK_HEADS),
                                MASK_KIND, MASK_HEADS)
@@ -774,6 +788,8 @@ def _kvpass_decode_mma(
         vwin = gl.load(rv_base + woff, mask=wmask, other=0.0)
         kwin = gl.convert_layout(_kappa_order(gl.reshape(kwin, [32, 4, 32]), 1, BITS), OPA)
         s = mma_v2(kwin, qn, gl.zeros([32, 8], gl.float32, MMA)) * qk_scale
+        if SOFTCAP > 0.0:
+            s = _softcap(s, SOFTCAP)
         r_s = pid_s + (j0 + st) * NUM_SPLITS_RT
         if MASK_KIND != 0:
             s = s + _mask_bias(_mask_vals(MASK, mrow, Lq + r_s, r_s < nwin, s_mk, MASK_KIND, MASK_HEADS),
@@ -867,9 +883,10 @@ def log_fallback(why: str) -> None:
 
 def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, *,
                          kv_len, key_bits, group_size, sm_scale, config, out=None, host_lengths=(0, 0),
-                         mask=(0, None, (0, 0, 0))):
+                         mask=(0, None, (0, 0, 0)), softcap=0.0):
     """`decode_attention` through `_kvpass_decode_mma` + the split reduce. mask: (kind, tensor, its
-    batch/head/key strides) from `decode_attention`'s `mask_args` (kind 0: none). Buffers and the
+    batch/head/key strides) from `decode_attention`'s `mask_args` (kind 0: none); softcap: the
+    model's logit softcap (0: none). Buffers and the
     two length modes as `decode_attention` documents them: device `lengths`, or (lengths None)
     host_lengths = (Lq, L), then the splits follow Lq instead of the capacity kv_len. The split reduce
     is always a launch of its own here (DecodeConfig.fuse_reduce is not used): a fused one, where the
@@ -907,7 +924,8 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
             kv_len, S, host_lengths[0], host_lengths[1], sm_scale * da.LOG2E,
             BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, HOST_LENS=host, MASK_KIND=mask_kind,
             MASK_HEADS=mask_kind != 0 and s_m[1] != 0, num_warps=1,
-            **({"maxnreg": config.max_regs} if config.max_regs else {}))
+            **({"maxnreg": config.max_regs} if config.max_regs else {}),
+            **({"SOFTCAP": float(softcap) * da.LOG2E} if softcap else {}))
     except CompilationError as e:   # raised before anything runs: the caller can take another kernel
         last = (str(e).strip().splitlines() or ["?"])[-1]
         _COMPILE_FAILURE.append(f"does not compile with Triton {triton.__version__} ({last[:200]})")

@@ -82,7 +82,7 @@ def _window(res: torch.Tensor, extra: int):
     return buf
 
 
-def _device_call(q, st, kv_len, mask=None, config=None, extra=None, seed=0, lengths=None, out=None):
+def _device_call(q, st, kv_len, mask=None, config=None, extra=None, seed=0, lengths=None, out=None, softcap=0.0):
     G = st.cfg.group_size
     parts = _poisoned_parts(st, st.length if kv_len is None else kv_len, seed)
     extra = 2 * G + 3 if extra is None else extra
@@ -92,28 +92,29 @@ def _device_call(q, st, kv_len, mask=None, config=None, extra=None, seed=0, leng
     return da.decode_attention(
         q, *parts, wk, wv, key_bits=st.cfg.key_bits, value_bits=st.cfg.value_bits, group_size=G,
         kv_len=kv_len, attn_mask=mask, config=config, lengths=lengths,
-        out=q.new_full(q.shape, float("nan")) if out is None else out)
+        out=q.new_full(q.shape, float("nan")) if out is None else out, softcap=softcap)
 
 
-def _host_mode(q, st, kv_len, mask, config):
+def _host_mode(q, st, kv_len, mask, config, softcap=0.0):
     """The host-lengths mode on the same store (the mode the device mode must equal)."""
     kb, vb = st.keys.buffers, st.values.buffers
     return da.decode_attention(
         q, kb["codes"], kb["scale"], kb["zero"], vb["codes"], vb["scale"], vb["zero"], st.res_k, st.res_v,
         key_bits=st.cfg.key_bits, value_bits=st.cfg.value_bits, group_size=st.cfg.group_size,
-        quantized_length=st.quantized_length, length=st.length, kv_len=kv_len, attn_mask=mask, config=config)
+        quantized_length=st.quantized_length, length=st.length, kv_len=kv_len, attn_mask=mask, config=config,
+        softcap=softcap)
 
 
-def _assert_close_to_golden(out, q, st, mask, kv_len, config):
+def _assert_close_to_golden(out, q, st, mask, kv_len, config, softcap=0.0):
     """The error metric of tests/test_kernels.py (fp64 golden, SDPA reference, TOLERANCE), with one
     allowance: the device mode may be as far from the golden as the host mode is on the same data
     (the interpreter's fp32->bf16 cast truncates, which can put the host mode itself slightly past
     the bf16 bound for some data). And the two modes must agree to ~2 ulp of the output dtype:
     they differ only in how the tokens are dealt out to splits (fp32 summation order)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    ref = attention_reference(q, st, mask, kv_len, 1, 0.0, False, None, True)
-    gold = _golden(q, st, mask, kv_len, scale)
-    host = _host_mode(q, st, kv_len, mask, config)
+    ref = attention_reference(q, st, mask, kv_len, 1, 0.0, False, None, True, softcap)
+    gold = _golden(q, st, mask, kv_len, scale, softcap)
+    host = _host_mode(q, st, kv_len, mask, config, softcap)
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all(), "kernel output has NaN/Inf (read past the lengths, or unwritten)"
     ref_err = (ref.double() - gold).abs().max().item()
@@ -180,6 +181,21 @@ def test_device_lengths_match_golden(case, variant):
     mask = _mask(mask_kind, B, L, kv_len, seed, dtype)
     out = _device_call(q, st, kv_len, mask, CONFIGS[(variant, many)], seed=seed)
     _assert_close_to_golden(out, q, st, mask, kv_len, CONFIGS[(variant, many)])
+
+
+@pytest.mark.parametrize("variant,case", [("dot", "long_tail_bool"), ("rows", "long_window_bool"),
+                                          ("rows", "many_splits"), ("dot", "kv_len_inside_window")])
+def test_device_lengths_with_softcap(case, variant):
+    """Gemma2's logit softcap in device-lengths mode (quantized part, window rows dealt over the
+    splits, zero tail whose score 0 the cap keeps at 0); a cap of 2 bends these scores."""
+    kb, vb, G, dtype, rep, Lq, L, kv_len, mask_kind, many = CASES[case]
+    B, H, D = 2, 2, 64
+    seed = sum(map(ord, case)) + 1
+    st = _exact_store(B, H, D, Lq, L, kb, vb, G, dtype, seed)
+    q = (_q(B, H * rep, D, dtype, seed).float() * 3.0).to(dtype)
+    mask = _mask(mask_kind, B, L, kv_len, seed, dtype)
+    out = _device_call(q, st, kv_len, mask, CONFIGS[(variant, many)], seed=seed, softcap=2.0)
+    _assert_close_to_golden(out, q, st, mask, kv_len, CONFIGS[(variant, many)], softcap=2.0)
 
 
 def test_device_lengths_exact_query_rows():

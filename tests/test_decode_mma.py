@@ -105,6 +105,33 @@ def test_mma_with_a_mask_matches_golden(case, mma_launches):
     assert mma_launches == [(0, 0), (Lq, L)], "the Gluon kernel did not run in both length modes"
 
 
+# (bits, G, dtype, rep, Lq, L, kv_len, mask kind): logit softcap (Gemma2) in both length modes
+SOFTCAP_CASES = {
+    "gqa_bf16_tail": (2, 32, BF16, 4, 640, 700, 800, None),
+    "mha_fp16_bool": (4, 64, FP16, 1, 512, 530, 600, "bool"),
+    "gqa_additive_lq0": (2, 32, BF16, 2, 0, 50, 90, "additive"),
+}
+
+
+@gpu_only
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+def test_mma_with_softcap_matches_golden(case, mma_launches):
+    """softcap 2 on scores of several units (q scaled by 3): the quantized steps, the window and the
+    zero tail, with and without a mask; the cap must change the output (not a no-op)."""
+    bits, G, dtype, rep, Lq, L, kv_len, kind = SOFTCAP_CASES[case]
+    B, H, D = 2, 2, 128
+    seed = sum(map(ord, case))
+    st = _exact_store(B, H, D, Lq, L, bits, bits, G, dtype, seed)
+    q = (_q(B, H * rep, D, dtype, seed).float() * 3.0).to(dtype)
+    mask = _mask(kind, B, L, kv_len, seed, dtype)
+    cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=1)
+    out = _device_call(q, st, kv_len, mask, cfg, seed=seed, softcap=2.0)
+    _assert_close_to_golden(out, q, st, mask, kv_len, cfg, softcap=2.0)
+    assert mma_launches == [(0, 0), (Lq, L)], "the Gluon kernel did not run in both length modes"
+    plain = _device_call(q, st, kv_len, mask, cfg, seed=seed)
+    assert (out.double() - plain.double()).abs().max().item() > 1e-2
+
+
 @gpu_only
 def test_mma_falls_back_with_a_log_line(caplog):
     """head_dim 64 is not supported by the Gluon kernel: the Triton kernel runs, and says so once."""

@@ -25,6 +25,10 @@ GEN = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=
 MODELS_D128 = {
     "llama_mha_d128": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=2, num_key_value_heads=2)),
     "qwen2_gqa_d128": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2)),
+    # eager attention with a logit softcap (the pass lifts it into kvpass::attention; SOFTCAP kernels)
+    "gemma2_gqa_d128": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=128, sliding_window=4096,
+        layer_types=["full_attention", "full_attention"])),
 }
 
 
@@ -35,7 +39,7 @@ def _model(name):
     hidden = (128 if name in MODELS_D128 else 64) * kw["num_attention_heads"]
     cfg = getattr(transformers, cfg_name)(vocab_size=97, hidden_size=hidden, intermediate_size=2 * hidden,
                                           num_hidden_layers=2, max_position_embeddings=512, **kw)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = "eager" if name.startswith("gemma2") else "sdpa"  # Gemma2: eager only
     torch.manual_seed(0)
     return getattr(transformers, cls_name)(cfg).eval()
 

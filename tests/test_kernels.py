@@ -69,8 +69,9 @@ def _make_store(B, H, D, L, key_bits, value_bits, G, R, dtype, seed, chunks=3):
     return st
 
 
-def _golden(q, st: KVStore, mask, kv_len, scale):
-    """fp64 attention over the store's exact dequantized K/V (+ zero slots past its length)."""
+def _golden(q, st: KVStore, mask, kv_len, scale, softcap=0.0):
+    """fp64 attention over the store's exact dequantized K/V (+ zero slots past its length), with
+    the logit softcap (softcap * tanh(s / softcap), before the mask) when softcap > 0."""
     Lq, G = st.quantized_length, st.cfg.group_size
     kparts, vparts = [], []
     if Lq:
@@ -89,19 +90,21 @@ def _golden(q, st: KVStore, mask, kv_len, scale):
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     s = (q.double() @ k.transpose(-1, -2)) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
     return torch.softmax(s, -1) @ v
 
 
-def _check(q, st, mask=None, kv_len=None, config=None, kv_repeat=1):
+def _check(q, st, mask=None, kv_len=None, config=None, kv_repeat=1, softcap=0.0):
     kv_len = st.length if kv_len is None else kv_len
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D)
-    ref = attention_reference(q, st, mask, kv_len, kv_repeat, 0.0, False, None, True)
+    ref = attention_reference(q, st, mask, kv_len, kv_repeat, 0.0, False, None, True, softcap)
     poisoned = q.new_full(q.shape, float("nan"))  # every element must be written
-    out = da.decode_attention_store(q, st, mask, kv_len, None, config, out=poisoned)
-    gold = _golden(q, st, mask, kv_len, scale)
+    out = da.decode_attention_store(q, st, mask, kv_len, None, config, out=poisoned, softcap=softcap)
+    gold = _golden(q, st, mask, kv_len, scale, softcap)
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all(), "kernel output has NaN/Inf"
     ref_err = (ref.double() - gold).abs().max().item()
@@ -213,6 +216,33 @@ def test_static_cache_kv_len_beyond_store(masked_tail):
     else:
         _check(q, st, mask=None, kv_len=kv_len, config=DOT_SPLIT)   # unmasked zero slots count
         _check(q, st, mask=None, kv_len=kv_len, config=ROWS)
+
+
+@pytest.mark.parametrize("variant", ["dot", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_softcap(variant, dtype):
+    """Gemma2's logit softcap (50 in the real model; 2 here, so that tanh bends these scores):
+    quantized groups, window, a bool padding mask and unmasked zero slots past the store (score
+    0 stays 0 under the cap). The cap must change the result (guards against a no-op)."""
+    B, H, rep, D, G, L, kv_len, cap = 2, 2, 2, 64, 16, 3 * 16 + 21, 96, 2.0
+    st = _make_store(B, H, D, L, 4, 2, G, 16, dtype, 21)
+    q = (_q(B, H * rep, D, dtype, 21).float() * 3.0).to(dtype)   # scores of several units: cap 2 matters
+    cfg = DOT_SPLIT if variant == "dot" else ROWS
+    _check(q, st, kv_len=kv_len, config=cfg, softcap=cap)
+    keep = torch.ones(B, 1, 1, kv_len, dtype=torch.bool)
+    keep[0, ..., :20] = False
+    _check(q, st, mask=keep.to(DEVICE), kv_len=kv_len, config=cfg, softcap=cap)
+    capped = da.decode_attention_store(q, st, None, kv_len, None, cfg, softcap=cap).double()
+    plain = da.decode_attention_store(q, st, None, kv_len, None, cfg).double()
+    assert (capped - plain).abs().max().item() > 10 * TOLERANCE[dtype][1]
+
+
+def test_softcap_rejects_bad_values():
+    st = _make_store(1, 2, 64, 40, 2, 2, 16, 16, torch.float16, 1)
+    q = _q(1, 2, 64, torch.float16, 1)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            da.decode_attention_store(q, st, softcap=bad)
 
 
 def test_kv_len_shorter_than_store():

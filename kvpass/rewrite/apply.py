@@ -3,6 +3,8 @@
 Per attention site whose key and value caches were both traced to writes:
     writes  -> one `kvpass::kv_write` (returns a token registered to the store)
     SDPA    -> `kvpass::attention(q, token, ...)` when K/V reach it only through repeat_kv/slicing
+    eager   -> the same, when its score chain is HF's eager attention (scale, softcap, mask, softmax;
+               `find.match_eager_scores`) and K/V reach it only through repeat_kv/slicing
     others  -> `kvpass::dequant(token, ...)` replaces the cache tensor for that reader
     stored-back cache tensors (graph outputs) -> NaN stand-ins of the same logical shape
 Anything not understood is left untouched and reported with the reason.
@@ -110,7 +112,7 @@ class _SiteRewrite:
                 if w.kind == "append":  # the stored-back cache becomes a stand-in
                     flat = g.call_method("view", (token, 1, 1, 1, 1))
                     standins[w.node] = g.call_method("expand", (flat, B, H, kv_len, N.value(w.new).shape[-1]))
-        fused = self._fuse_sdpa(token, kv_len)
+        fused = self._fuse(token, kv_len)
         dequantized = 0
         for which, w in ((0, wk), (1, wv)):
             D = N.value(w.new).shape[-1]
@@ -124,33 +126,46 @@ class _SiteRewrite:
                 dequantized += 1
             w.node.replace_all_uses_with(standins.get(w.node, w.anchor))
             g.erase_node(w.node)
-        read = "fused sdpa" if fused and not dequantized else ("dequant" if not fused else "fused sdpa + dequant")
+        fused_as = f"fused {self.site.kind}"
+        read = fused_as if fused and not dequantized else ("dequant" if not fused else f"{fused_as} + dequant")
         return SiteReport(self.site.where, self.site.kind, wk.kind, read,
                           N.value(wk.new).shape[1], N.value(wk.new).shape[-1], N.value(wv.new).shape[-1],
                           N.value(wk.new).dtype)
 
-    def _fuse_sdpa(self, token: Node, kv_len) -> bool:
+    def _fuse(self, token: Node, kv_len) -> bool:
+        """Replace the site's attention by one `kvpass::attention` when K and V reach it only through
+        repeat_kv / a length slice: an SDPA call with its own arguments, or an eager chain that
+        `match_eager_scores` understood (scale, softcap, mask lifted out of it)."""
         site = self.site
-        if site.kind != "sdpa" or not (site.k.pure and site.v.pure):
+        if not (site.k.pure and site.v.pure):
             return False
         if site.k.kv_repeat != site.v.kv_repeat or site.k.slice_end != site.v.slice_end:
             return False
-        a = N.sdpa_args(site.node)
-        if not isinstance(a["dropout_p"], (int, float)) or not isinstance(a["is_causal"], bool):
+        if site.kind == "sdpa":
+            a = N.sdpa_args(site.node)
+            if not isinstance(a["dropout_p"], (int, float)) or not isinstance(a["is_causal"], bool):
+                return False
+            replaced, dead = site.node, [site.node]
+            args = (a["query"], a["attn_mask"], float(a["dropout_p"]), a["is_causal"], a["scale"],
+                    bool(a["enable_gqa"]), 0.0, False)
+        elif site.eager is not None:
+            e = site.eager
+            replaced, dead = e.pv, e.nodes + [e.qk.args[1]]   # + the k^T transpose
+            args = (e.q, e.mask, 0.0, False, e.scale, False, e.softcap, True)
+        else:
             return False
+        q, mask, dropout_p, is_causal, scale, enable_gqa, softcap, eager = args
         length = site.k.slice_end if site.k.slice_end is not None else kv_len
         Dv = N.value(site.v.write.new).shape[-1]
         g = self.graph
-        with g.inserting_before(site.node):
+        with g.inserting_before(replaced):
             out = g.call_function(ops.attention.default, (
-                a["query"], token, a["attn_mask"], length, site.k.kv_repeat, Dv, float(a["dropout_p"]),
-                a["is_causal"], a["scale"], bool(a["enable_gqa"])))
-        site.node.replace_all_uses_with(out)
-        g.erase_node(site.node)
-        for chain in (site.k, site.v):  # the repeat_kv/slice views now feed nothing
-            for step in reversed(chain.steps):
-                if not step.users:
-                    g.erase_node(step)
+                q, token, mask, length, site.k.kv_repeat, Dv, dropout_p, is_causal, scale, enable_gqa, softcap, eager))
+        replaced.replace_all_uses_with(out)
+        # the attention math and the repeat_kv/slice views feed nothing now: erased users first
+        for node in sorted({*dead, *site.k.steps, *site.v.steps}, key=self.order.__getitem__, reverse=True):
+            if not node.users:
+                g.erase_node(node)
         return True
 
 

@@ -44,6 +44,20 @@ class Chain:
 
 
 @dataclass
+class EagerScores:
+    """HF's eager attention between its two matmuls, as `kvpass::attention` arguments:
+    P = softmax(softcap * tanh(q k^T * scale / softcap) + mask, fp32), out = P @ v."""
+
+    q: Node
+    qk: Node                 # the q @ k^T matmul
+    pv: Node                 # the P @ v matmul (its output is the attention output)
+    nodes: list              # every node from qk to pv, in graph order: dead once pv is replaced
+    scale: float = 1.0
+    softcap: float = 0.0     # 0: none
+    mask: Node | None = None
+
+
+@dataclass
 class AttentionSite:
     """An attention read: an SDPA call or an eager softmax(QK^T)V, with its K and V chains."""
 
@@ -53,6 +67,7 @@ class AttentionSite:
     k: Chain | None = None
     v: Chain | None = None
     reason: str = ""
+    eager: EagerScores | None = None  # eager sites whose score chain kvpass::attention can take over
 
 
 def _is_full_slice(s) -> bool:
@@ -187,6 +202,114 @@ def _walk_forward_to_matmul(node: Node) -> Node | None:
     return None
 
 
+def _const(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _sole_user(node: Node, user: Node) -> bool:
+    return list(node.users) == [user]
+
+
+def _binary(node, functions, methods):
+    """(tensor operand, constant) of `node` when it is one of the given binary ops of a node and a
+    Python number (either order for commutative use by the caller), else (None, None)."""
+    if not N.is_call(node, functions, methods) or len(node.args) != 2 or node.kwargs:
+        return None, None
+    a, b = node.args
+    if isinstance(a, Node) and _const(b) is not None:
+        return a, _const(b)
+    if isinstance(b, Node) and _const(a) is not None and node.target not in (operator.truediv, torch.div, "div",
+                                                                              "__truediv__"):
+        return b, _const(a)
+    return None, None
+
+
+_MUL = ({operator.mul, torch.mul}, {"mul", "__mul__"})
+_DIV = ({operator.truediv, torch.div}, {"div", "__truediv__"})
+_ADD = ({operator.add, torch.add}, {"add", "__add__"})
+
+
+def match_eager_scores(softmax: Node, qk: Node, pv: Node) -> EagerScores | None:
+    """The eager chain qk -> [* scale | / d] -> [/ c -> tanh -> * c] -> [+ mask] -> softmax(dim=-1)
+    -> casts / eval-mode dropout -> pv as `EagerScores`, each intermediate used only by the next;
+    None for any other chain (the site then keeps its own math on `kvpass::dequant` reads)."""
+    dim, dtype = _softmax_dim_dtype(softmax)
+    if dim not in (-1, 3) or dtype not in (None, torch.float32):
+        return None
+    prob = [softmax]                       # softmax -> pv, through `_walk_forward_to_matmul`'s steps
+    while prob[-1] is not pv.args[0]:
+        prob.append(next(iter(prob[-1].users)))
+    if any(N.is_call(n, N.PROB_FUNCTIONS) and not _eval_dropout(n) for n in prob[1:]):
+        return None                        # dropout in training mode
+    n, terms, chain = softmax.args[0], EagerScores(qk.args[0], qk, pv, []), []
+    if N.is_call(n, *_ADD) and len(n.args) == 2 and not n.kwargs:
+        a, b = n.args
+        score, mask = (a, b) if a is not None and _reaches(a, qk) else (b, a)
+        if not (isinstance(mask, Node) and N.ndim(mask) is not None and _reaches(score, qk) and not _reaches(mask, qk)):
+            return None
+        terms.mask, chain, n = mask, chain + [n], score
+    capped, c_out = _binary(n, *_MUL)
+    if capped is not None and N.is_call(capped, {torch.tanh}, {"tanh"}):
+        divided, c_in = _binary(capped.args[0], *_DIV)
+        if divided is None or c_in != c_out or c_in <= 0:
+            return None
+        terms.softcap, chain, n = c_out, chain + [n, capped, capped.args[0]], divided
+    scaled, c = _binary(n, *_MUL)
+    if scaled is not None:
+        terms.scale, chain, n = c, chain + [n], scaled
+    else:
+        scaled, c = _binary(n, *_DIV)
+        if scaled is not None and c:
+            terms.scale, chain, n = 1.0 / c, chain + [n], scaled
+    if n is not qk:
+        return None
+    chain = [qk] + list(reversed(chain)) + [softmax]
+    if not all(_sole_user(a, b) for a, b in zip(chain, chain[1:])):
+        return None                        # an intermediate is read elsewhere (attention weights returned)
+    terms.nodes = chain + prob[1:] + [pv]
+    q, out = N.value(qk.args[0]), N.value(pv)
+    if not (isinstance(q, torch.Tensor) and isinstance(out, torch.Tensor) and q.dim() == 4 and out.dim() == 4
+            and out.dtype == q.dtype):
+        return None
+    return terms
+
+
+def _reaches(node, target: Node, limit: int = 16) -> bool:
+    """Whether `target` is `node` or among its inputs within `limit` steps (short score chains)."""
+    frontier, seen = [node], set()
+    for _ in range(limit):
+        nxt = []
+        for n in frontier:
+            if n is target:
+                return True
+            if isinstance(n, Node) and n not in seen:
+                seen.add(n)
+                nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return False
+
+
+def _softmax_dim_dtype(node: Node):
+    """(dim, dtype) of a softmax call in any of its spellings (F.softmax has _stacklevel third)."""
+    args = list(node.args)
+    if node.op == "call_method":
+        args = args[1:]
+    dtype_pos = 2 if node.target in (torch.softmax, "softmax") else 3  # F.softmax(input, dim, _stacklevel, dtype)
+    dim = node.kwargs.get("dim", args[1] if node.op != "call_method" and len(args) > 1 else (args[0] if args else None))
+    if node.op == "call_method":
+        dtype = node.kwargs.get("dtype", args[1] if len(args) > 1 else None)
+    else:
+        dtype = node.kwargs.get("dtype", args[dtype_pos] if len(args) > dtype_pos else None)
+    return dim, dtype
+
+
+def _eval_dropout(node: Node) -> bool:
+    """A dropout call that is the identity (p == 0 or not training), by its constant arguments."""
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
+    return (isinstance(p, (int, float)) and p == 0) or training is False
+
+
 def _strip_transpose(node):
     """K^T operand of QK^T: the tensor before its last-two-dims transpose, else None."""
     if N.is_call(node, {torch.transpose}, {"transpose"}):
@@ -217,6 +340,7 @@ def find_attention(graph: Graph, writes: list[CacheWrite], order: dict) -> list[
                 continue  # a softmax that is not attention (router, classifier, ...)
             site.k = trace_chain(k_t, writes, order, qk)
             site.v = trace_chain(pv.args[1], writes, order, pv)
+            site.eager = match_eager_scores(node, qk, pv)
             sites.append(site)
     for site in sites:
         if site.k is None or site.v is None:
