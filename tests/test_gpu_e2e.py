@@ -146,4 +146,7 @@ def test_gpu_gluon_decode_matches_reference_ops(name, cache, mma_launches, monke
     assert mma_launches, "the Gluon kernel did not run"
     assert torch.equal(ref.sequences, got.sequences)
     diff = max((a.float() - c.float()).abs().max().item() for a, c in zip(ref.logits, got.logits))
-    assert diff <= LOGIT_ATOL[torch.bfloat16]
+    # bf16 rounding is relative: LOGIT_ATOL's bound is for logits of magnitude <= 1, scaled by the
+    # magnitude above that (Gemma2's logits reach tens: one bf16 ulp at 16-32 is 0.125)
+    size = max(1.0, max(a.float().abs().max().item() for a in ref.logits))
+    assert diff <= LOGIT_ATOL[torch.bfloat16] * size, f"logit diff {diff} at logit magnitude {size}"
