@@ -1,5 +1,5 @@
-"""End to end on CUDA: tiny MHA and GQA models compiled with kvpass through Inductor give the CPU
-reference path's greedy tokens, the decode steps run the Triton kernel, and Inductor's generated
+"""End to end on CUDA: tiny MHA and GQA models (and Gemma2: eager attention with a softcap) compiled
+with kvpass through Inductor give the CPU reference path's greedy tokens, the decode steps run the Triton kernel, and Inductor's generated
 code calls the kvpass ops; bf16 models with head_dim 128 run the Gluon tensor-core decode kernel
 and match the reference ops on the same GPU. Skipped without a GPU (CI is CPU-only; run through
 the device tool)."""
@@ -16,6 +16,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 MODELS = {
     "llama_mha": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=4)),
     "qwen2_gqa": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2)),
+    # eager attention with a logit softcap, fused into kvpass::attention by the pass
+    "gemma2_gqa": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=4096,
+        layer_types=["full_attention", "full_attention"])),
 }
 GEN = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=True,
            return_dict_in_generate=True)
