@@ -153,30 +153,42 @@ def repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[:, :, None].expand(B, H, n, T, D).reshape(B, H * n, T, D)
 
 
+# fp32 scores per chunk of query rows in `written_out_attention` (256 MiB): bounds the [B, Hq, Tq, T]
+# intermediate of a long eager prefill (the model's own eager code holds it whole, in its dtype).
+SCORE_CHUNK_ELEMENTS = 1 << 26
+
+
 def written_out_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap: float):
     """SDPA's semantics written out in fp32, with logit softcapping when softcap > 0:
     softmax(cap(q k^T * scale) + mask) v, cap(x) = softcap * tanh(x / softcap), for q [B, Hq, Tq, D],
     k/v [B, H, T, D] (H = Hq, or Hq / n with enable_gqa). The order of operations is HF's eager
     attention (scale, softcap, mask, fp32 softmax), so an fp32 eager model is reproduced exactly.
-    Returns q's dtype."""
+    Query rows go in chunks of at most SCORE_CHUNK_ELEMENTS scores. Returns q's dtype."""
     if dropout_p > 0.0:
         raise ValueError(f"kvpass attention: an eager or softcapped site with dropout_p={dropout_p} is not "
                          "supported (inference only: call model.eval())")
     if enable_gqa and k.shape[1] != q.shape[1]:
         k, v = repeat_heads(k, q.shape[1] // k.shape[1]), repeat_heads(v, q.shape[1] // v.shape[1])
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale      # [B, Hq, Tq, T]
-    if softcap:
-        s = torch.tanh(s / softcap) * softcap
+    B, Hq, Tq, _ = q.shape
+    T = k.shape[2]
     if is_causal:  # SDPA's is_causal: top-left aligned lower triangle
         if attn_mask is not None:
             raise ValueError("kvpass attention: pass attn_mask or is_causal=True, not both (as SDPA)")
-        tq, t = s.shape[-2:]
-        attn_mask = torch.ones(tq, t, dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
-    p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v.float()).to(q.dtype)
+        attn_mask = torch.ones(Tq, T, dtype=torch.bool, device=q.device).tril()
+    per_row = attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] == Tq
+    kt, vf = k.float().transpose(-1, -2), v.float()
+    rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, B * Hq * T))
+    out = []
+    for r0 in range(0, Tq, rows):
+        s = torch.matmul(q[:, :, r0:r0 + rows].float(), kt) * scale      # [B, Hq, rows, T]
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        if attn_mask is not None:
+            m = attn_mask[..., r0:r0 + rows, :] if per_row else attn_mask
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+        out.append(torch.matmul(torch.softmax(s, dim=-1), vf).to(q.dtype))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 def attention_reference(q, store: KVStore, attn_mask, kv_len, kv_repeat, dropout_p, is_causal, scale, enable_gqa,

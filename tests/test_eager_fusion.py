@@ -183,3 +183,31 @@ def test_gemma2_decode_runs_the_softcap_kernel(kernel_path):
     assert torch.equal(sim.sequences, got.sequences)
     diff = max((a - c).abs().max().item() for a, c in zip(sim.logits, got.logits))
     assert diff <= LOGIT_ATOL[torch.float32]
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "bool_rows", "additive_broadcast"])
+def test_written_out_attention_chunks_query_rows(mask, monkeypatch):
+    """Long multi-token queries go through the written-out reference in chunks of query rows: the
+    same result as one chunk (masks sliced per row where they have rows), and SDPA's semantics."""
+    from kvpass.lowering import ops
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g) for n in (37, 37, 37))
+    k, v = k[:, :2], v[:, :2]   # GQA 4/2
+    m, causal = None, mask == "causal"
+    if mask == "bool_rows":
+        m = torch.rand(2, 1, 37, 37, generator=g) > 0.3
+        m[..., 0] = True
+    elif mask == "additive_broadcast":
+        m = torch.randn(1, 1, 1, 37, generator=g)
+    whole = ops.written_out_attention(q, k, v, m, 0.0, causal, None, True, 5.0)
+    monkeypatch.setattr(ops, "SCORE_CHUNK_ELEMENTS", 2 * 4 * 37 * 5)   # 5 query rows per chunk
+    chunked = ops.written_out_attention(q, k, v, m, 0.0, causal, None, True, 5.0)
+    # the same fp32 math per row; only the matmul's blocking over rows can differ: a few fp32 ulps of
+    # outputs of magnitude <= ~3 (1e-6 = ~8 ulps)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    plain = ops.written_out_attention(q, k, v, m, 0.0, causal, None, True, 0.0)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, enable_gqa=True)
+    # SDPA's CPU kernel sums and exponentiates in another order (blockwise online softmax): ~1e-6
+    # apart on 37 keys; 1e-5 leaves room for it and nothing for a wrong mask or scale
+    torch.testing.assert_close(plain, sdpa, atol=1e-5, rtol=1e-5)
