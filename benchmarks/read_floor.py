@@ -4,7 +4,7 @@ streaming-read Triton kernel takes to read exactly the bytes the table's floor_m
 (benchmarks/timing.py: CUDA-graph replays of 20 calls round-robin over copies exceeding 4x L2). If
 even a pure read cannot reach 0.8 of floor_ms at batch 1, no kernel can.
 
-    PYTHONPATH=. python3 benchmarks/read_floor.py [--out DIR]   # GPU: read_floor.md / .csv in DIR
+    PYTHONPATH=. python3 benchmarks/read_floor.py [--out DIR] [--batches 1,8]   # GPU: read_floor.md / .csv
     python3 benchmarks/read_floor.py --dry-run                  # CPU: byte counts, table skeleton
     TRITON_INTERPRET=1 python3 benchmarks/read_floor.py --check # CPU: read kernel vs torch sum
 
@@ -44,7 +44,7 @@ def _read(X, OUT, n, BLOCK: tl.constexpr):
     pid, nprog = tl.program_id(0), tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(pid * BLOCK, n, nprog * BLOCK):
+    for start in range(pid.to(tl.int64) * BLOCK, n, nprog * BLOCK):   # int64: buffers past 2 GiB
         idx = tl.multiple_of(start, BLOCK) + offs
         acc += tl.load(X + idx, mask=idx < n, other=0)
     tl.store(OUT + pid, tl.sum(acc, 0))
@@ -73,9 +73,9 @@ def row_bytes(B, Hkv, T, bits, G, D=128) -> int:
         ba.DEV = dev
 
 
-def shapes():
+def shapes(batches=(1, 8)):
     """(batch, q heads, kv heads, seq_len, bits, G): the rows measured."""
-    return [(B, Hq, Hkv, T, bits, G) for B in (1, 8) for Hq, Hkv in ((32, 32), (32, 8))
+    return [(B, Hq, Hkv, T, bits, G) for B in batches for Hq, Hkv in ((32, 32), (32, 8))
             for T in (4096, 16384, 32768, 131072) for bits, G in ((2, 32), (2, 128), (4, 32))]
 
 
@@ -144,6 +144,7 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="CPU: byte counts and table skeleton, no timing")
     ap.add_argument("--check", action="store_true", help="interpreter run of the kernels vs torch (CPU)")
     ap.add_argument("--attention-csv", default=os.path.join(RESULTS, "attention.csv"))
+    ap.add_argument("--batches", default="1,8", help="comma list of the batch sizes to measure")
     args = ap.parse_args()
     if args.check:
         return check()
@@ -156,7 +157,7 @@ def main():
         empty_us = graph_us(lambda: _empty[(1,)](x, -1, num_warps=1))
         print(f"{info['gpu']} copy bandwidth {bw / 1e12:.3f} TB/s, empty kernel {empty_us:.2f} us/graph node")
     rows = []
-    for B, Hq, Hkv, T, bits, G in shapes():
+    for B, Hq, Hkv, T, bits, G in shapes(tuple(int(b) for b in args.batches.split(","))):
         nbytes = row_bytes(B, Hkv, T, bits, G)
         kv, sd = ref.get((B, Hq, Hkv, T, bits, G), ("", ""))
         r = {**dict.fromkeys(COLS + ["best_cfg"], ""), **dict(batch=B, heads=f"{Hq}/{Hkv}", seq_len=T, bits=bits,
