@@ -67,6 +67,27 @@ def test_eager_chain_variants_are_matched(scale, softcap, mask):
     assert (terms.mask is not None) == mask
 
 
+SOFTMAX_SPELLINGS = {
+    "F.softmax": lambda s: F.softmax(s, dim=-1, dtype=torch.float32),
+    "torch.softmax": lambda s: torch.softmax(s, -1, torch.float32),
+    "method": lambda s: s.softmax(-1),
+    "method_dim_kw": lambda s: s.softmax(dim=3),
+}
+
+
+@pytest.mark.parametrize("spelling", list(SOFTMAX_SPELLINGS))
+def test_softmax_spellings_are_matched(spelling):
+    def attn(q, k, v):
+        return torch.matmul(SOFTMAX_SPELLINGS[spelling](torch.matmul(q, k.transpose(2, 3)) * 0.125), v)
+
+    q, k, v = (torch.randn(1, 2, 3, 8) for _ in range(3))
+    graph = _trace(attn, q, k, v)
+    (sm,) = [n for n in graph.nodes if N.is_softmax(n)]
+    qk, pv = find._walk_back_to_matmul(sm.args[0]), find._walk_forward_to_matmul(sm)
+    terms = find.match_eager_scores(sm, qk, pv)
+    assert terms is not None and terms.scale == 0.125
+
+
 @pytest.mark.parametrize("variant", ["weights_used", "training_dropout", "tanh_without_cap", "softmax_dim"])
 def test_other_chains_are_not_matched(variant):
     """Chains whose math the op cannot take over stay as they are (None)."""

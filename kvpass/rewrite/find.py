@@ -244,7 +244,7 @@ def match_eager_scores(softmax: Node, qk: Node, pv: Node) -> EagerScores | None:
     n, terms, chain = softmax.args[0], EagerScores(qk.args[0], qk, pv, []), []
     if N.is_call(n, *_ADD) and len(n.args) == 2 and not n.kwargs:
         a, b = n.args
-        score, mask = (a, b) if a is not None and _reaches(a, qk) else (b, a)
+        score, mask = (a, b) if _reaches(a, qk) else (b, a)
         if not (isinstance(mask, Node) and N.ndim(mask) is not None and _reaches(score, qk) and not _reaches(mask, qk)):
             return None
         terms.mask, chain, n = mask, chain + [n], score
@@ -290,17 +290,14 @@ def _reaches(node, target: Node, limit: int = 16) -> bool:
 
 
 def _softmax_dim_dtype(node: Node):
-    """(dim, dtype) of a softmax call in any of its spellings (F.softmax has _stacklevel third)."""
-    args = list(node.args)
-    if node.op == "call_method":
-        args = args[1:]
-    dtype_pos = 2 if node.target in (torch.softmax, "softmax") else 3  # F.softmax(input, dim, _stacklevel, dtype)
-    dim = node.kwargs.get("dim", args[1] if node.op != "call_method" and len(args) > 1 else (args[0] if args else None))
-    if node.op == "call_method":
-        dtype = node.kwargs.get("dtype", args[1] if len(args) > 1 else None)
-    else:
-        dtype = node.kwargs.get("dtype", args[dtype_pos] if len(args) > dtype_pos else None)
-    return dim, dtype
+    """(dim, dtype) of a softmax call: x.softmax(dim, dtype), torch.softmax(x, dim, dtype), or
+    F.softmax(x, dim, _stacklevel, dtype); None where not given."""
+    dtype_at = 3 if node.op == "call_function" and node.target is not torch.softmax else 2
+
+    def arg(name, at):
+        return node.kwargs.get(name, node.args[at] if len(node.args) > at else None)
+
+    return arg("dim", 1), arg("dtype", dtype_at)
 
 
 def _eval_dropout(node: Node) -> bool:
