@@ -4,7 +4,7 @@ weights) with kvpass.backend(bits=2) vs plain torch.compile (Inductor) on a bf16
     PYTHONPATH=. python3 benchmarks/bench_decode.py [--configs 4096x1,32768x1,4096x8,32768x8] [--out DIR]
         [--kv-heads 8 --name decode_gqa8]   (grouped-query attention: Llama-3-8B's 32/8 heads)
 
-Both sides: an eager prefill of the prompt (not timed), then `--steps` greedy decode steps through
+Both sides: an eager prefill of the prompt (not timed; static caches in chunks of PREFILL_CHUNK tokens), then `--steps` greedy decode steps through
 the compiled forward, timed with a host clock (tokens/s = batch * steps / time). `--loops`: the
 static-cache kinds run the "sync" loop (the position built on the host each step: a blocking copy)
 and/or the "async" loop (the position advanced on the device, as gpt-fast does), see decode_loop. kvpass: DynamicCache (no host syncs in its writes), its first compiled step
@@ -175,6 +175,22 @@ def kernel_profile(step, tok, cache, pos, n):
                 kernel_profile="\n".join(lines) + "\n")
 
 
+PREFILL_CHUNK = 8192  # tokens per eager prefill forward (8 x 32k in one forward ran out of memory)
+
+
+def chunked_prefill(model, ids, cache):
+    """The eager prefill of `ids` [B, P] into a StaticCache, PREFILL_CHUNK tokens per forward
+    (the activations of one chunk, not of the whole prompt). Returns the first generated token [B, 1]."""
+    P = ids.shape[1]
+    for c0 in range(0, P, PREFILL_CHUNK):
+        c1 = min(P, c0 + PREFILL_CHUNK)
+        out = model(input_ids=ids[:, c0:c1], past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    cache_position=torch.arange(c0, c1, device=DEV))
+    first = out.logits[:, -1:].argmax(-1)
+    del out
+    return first
+
+
 def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0, loop="sync", host_steps=0,
                  kernel_steps=0):
     from transformers import StaticCache
@@ -182,10 +198,7 @@ def run_baseline(model, cfg, P, B, steps, warmup, compiled_fwd, spare_slots=0, l
     ids = torch.randint(0, cfg.vocab_size, (B, P), device=DEV)
     cache = StaticCache(config=cfg, max_cache_len=P + warmup + steps + spare_slots + 2 * host_steps + kernel_steps + 2)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                    cache_position=torch.arange(P, device=DEV))
-        first = out.logits[:, -1:].argmax(-1)
-        del out
+        first = chunked_prefill(model, ids, cache)
         peak_reset()
         secs, tok = decode_loop(compiled_fwd, first, cache, steps, warmup, P, static=True, loop=loop)
         res = dict(tokens_per_s=B * steps / secs, ms_per_step=secs / steps * 1e3, peak_gb=peak_gb())
@@ -388,6 +401,7 @@ def _token(st):
 
 
 def main():
+    global PREFILL_CHUNK
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="4096x1,32768x1,4096x8,32768x8")
     ap.add_argument("--steps", type=int, default=32)
@@ -407,6 +421,8 @@ def main():
                     help="after each static-cache run, profile the GPU kernels of this many async steps "
                          "(writes kernels_KIND_LOOP_PxB.txt)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="tokens per eager prefill forward "
+                    "(static caches)")
     ap.add_argument("--no-extras", action="store_true", help="skip the host-overhead and largest-batch measurements")
     ap.add_argument("--only-extras", action="store_true", help="host overheads + largest batch, no model runs")
     ap.add_argument("--skip-kvpass", action="store_true")
@@ -414,6 +430,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     args = ap.parse_args()
+    PREFILL_CHUNK = args.prefill_chunk
     os.makedirs(args.out, exist_ok=True)
     import kvpass
     import triton
