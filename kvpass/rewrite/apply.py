@@ -141,26 +141,24 @@ class _SiteRewrite:
             return False
         if site.k.kv_repeat != site.v.kv_repeat or site.k.slice_end != site.v.slice_end:
             return False
+        length = site.k.slice_end if site.k.slice_end is not None else kv_len
+        sizes = (length, site.k.kv_repeat, N.value(site.v.write.new).shape[-1])   # kv_len, kv_repeat, head_dim_v
         if site.kind == "sdpa":
             a = N.sdpa_args(site.node)
             if not isinstance(a["dropout_p"], (int, float)) or not isinstance(a["is_causal"], bool):
                 return False
             replaced, dead = site.node, [site.node]
-            args = (a["query"], a["attn_mask"], float(a["dropout_p"]), a["is_causal"], a["scale"],
+            args = (a["query"], token, a["attn_mask"], *sizes, float(a["dropout_p"]), a["is_causal"], a["scale"],
                     bool(a["enable_gqa"]), 0.0, False)
         elif site.eager is not None:
             e = site.eager
             replaced, dead = e.pv, e.nodes + [e.qk.args[1]]   # + the k^T transpose
-            args = (e.q, e.mask, 0.0, False, e.scale, False, e.softcap, True)
+            args = (e.q, token, e.mask, *sizes, 0.0, False, e.scale, False, e.softcap, True)
         else:
             return False
-        q, mask, dropout_p, is_causal, scale, enable_gqa, softcap, eager = args
-        length = site.k.slice_end if site.k.slice_end is not None else kv_len
-        Dv = N.value(site.v.write.new).shape[-1]
         g = self.graph
-        with g.inserting_before(replaced):
-            out = g.call_function(ops.attention.default, (
-                q, token, mask, length, site.k.kv_repeat, Dv, dropout_p, is_causal, scale, enable_gqa, softcap, eager))
+        with g.inserting_before(replaced):   # args in the op's order (lowering/ops.py)
+            out = g.call_function(ops.attention.default, args)
         replaced.replace_all_uses_with(out)
         # the attention math and the repeat_kv/slice views feed nothing now: erased users first
         for node in sorted({*dead, *site.k.steps, *site.v.steps}, key=self.order.__getitem__, reverse=True):
