@@ -13,8 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.timing import copies_for, graph_us  # noqa: E402
-from benchmarks.tune_decode_graph import make_store  # noqa: E402
+from benchmarks.timing import graph_us  # noqa: E402
+from benchmarks.tune_decode_graph import make_store_copies  # noqa: E402
 from kvpass.lowering import paths  # noqa: E402
 from kvpass.templates import decode_attention as da  # noqa: E402
 
@@ -25,9 +25,7 @@ def main():
     print("| batch | heads | seq_len | head_dim | kernel | softcap 0 us | softcap 50 us | cost |")
     print("|---:|---:|---:|---:|---|---:|---:|---:|")
     for B, Hq, Hkv, T, D in SHAPES:
-        one = make_store(B, Hkv, T, D=D)
-        nbytes = sum(t.numel() * t.element_size() for t in (*one.keys.buffers.values(), *one.values.buffers.values()))
-        stores = [one] + [make_store(B, Hkv, T, D=D) for _ in range(copies_for(nbytes, torch.cuda.mem_get_info()[0]) - 1)]
+        stores = make_store_copies(B, Hkv, T, D=D)
         q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
         us = {}
         for cap in (0.0, 50.0):
@@ -36,7 +34,7 @@ def main():
             kernel = dict(paths.seen()).get("decode attention", "?")
         print(f"| {B} | {Hq}/{Hkv} | {T} | {D} | {kernel[:40]} | {us[0.0]:.1f} | {us[50.0]:.1f} | "
               f"{us[50.0] / us[0.0] - 1:+.1%} |", flush=True)
-        del stores, one
+        del stores
         torch.cuda.empty_cache()
 
 

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.timing import copies_for, graph_us  # noqa: E402
-from benchmarks.tune_decode_graph import make_store  # noqa: E402
+from benchmarks.timing import graph_us  # noqa: E402
+from benchmarks.tune_decode_graph import make_store_copies  # noqa: E402
 from kvpass.templates import decode_attention as da  # noqa: E402
 from kvpass.templates import decode_mma  # noqa: E402
 
@@ -48,9 +48,8 @@ def main():
     rows = []
     for shape, bits in itertools.product(a.shapes.split(","), map(int, a.bits.split(","))):
         B, Hq, Hkv, T = map(int, shape.split("x"))
-        one = make_store(B, Hkv, T, bits=bits)
-        nbytes = sum(t.numel() * t.element_size() for t in (*one.keys.buffers.values(), *one.values.buffers.values()))
-        stores = [one] + [make_store(B, Hkv, T, bits=bits) for _ in range(copies_for(nbytes, torch.cuda.mem_get_info()[0]) - 1)]
+        stores = make_store_copies(B, Hkv, T, bits=bits)
+        one = stores[0]
         q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
         kv_len = T + 64
         base = da.default_config_for(da.DecodeSpec(bits, bits, 32, 128, torch.bfloat16, Hq // Hkv), B)

@@ -42,6 +42,14 @@ def make_store(B, H, T, D=128, bits=2, G=32, R=128, device_lengths=True):
     return st
 
 
+def make_store_copies(B, H, T, **kw) -> list:
+    """`make_store(B, H, T, **kw)` and as many more as `copies_for` asks for its exact part bytes
+    (together >= 4 L2 sizes where memory allows), for graph timing round-robin over them."""
+    first = make_store(B, H, T, **kw)
+    nbytes = sum(t.numel() * t.element_size() for t in (*first.keys.buffers.values(), *first.values.buffers.values()))
+    return [first] + [make_store(B, H, T, **kw) for _ in range(copies_for(nbytes, torch.cuda.mem_get_info()[0]) - 1)]
+
+
 def configs(kinds: str = "all"):
     rows = [da.DecodeConfig(use_dot=False, block_n=bn, num_warps=w, ctas_per_sm=c, min_groups_per_split=1)
             for bn, w, c in itertools.product((32, 64, 128), (1, 2, 4), (4, 8, 16))]
