@@ -6,7 +6,7 @@ reaches Lq has no window tokens to add), in host- or device-lengths mode.
 
     PYTHONPATH=. python3 benchmarks/ab_decode.py --shapes 1x32x16384,8x32x8x16384 [--bits 2] [--group 32]
         [--old-reduce] [--empty-window] [--host-lengths] [--mask bool|additive] [--kernel OLD_DECODE_ATTENTION.py]
-        [--tag NAME]
+        [--tag NAME] [--window-splits=-1,0] [--rounds 3]
 
 Prints one line per shape: tag, shape, bits, group, lengths mode, microseconds per call.
 """
@@ -95,6 +95,27 @@ def load_kernel_module(path: str):
     da = mod
 
 
+def table_ab(args, q, B, Hq, H, T, n):
+    """--table-store: the attention table's store and call (`bench_attention.table_row`: 100-token
+    window, kv_len = L, device lengths) for each --window-splits variant, interleaved over --rounds."""
+    from benchmarks import bench_attention as ba
+    stores = [ba.make_store(B, H, T, 128, args.bits, args.group, seed=i) for i in range(n)]
+    lengths = torch.tensor([stores[0]["quantized_length"], stores[0]["length"]], dtype=torch.int32, device="cuda")
+    spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
+    base = da.default_config_for(spec, B)
+    variants = [(f"window_splits={w}", dataclasses.replace(base, window_splits=int(w)))
+                for w in (args.window_splits or "-1").split(",")]
+    timings = {tag: [] for tag, _ in variants}
+    for _ in range(args.rounds):
+        for tag, cfg in variants:
+            timings[tag].append(graph_us([lambda s=s, cfg=cfg: ba.run_kvpass_device(q, s, lengths, cfg)
+                                          for s in stores]))
+    for tag, _ in variants:
+        ts = sorted(timings[tag])
+        print(f"AB {tag} {B}x{Hq}x{H}x{T} b{args.bits} g{args.group} table store: {ts[len(ts) // 2]:.2f} us "
+              f"(rounds {', '.join(f'{t:.2f}' for t in timings[tag])})", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x32x16384")
@@ -111,6 +132,13 @@ def main():
     ap.add_argument("--max-regs", type=int, default=0, help="(with --mma) DecodeConfig.max_regs")
     ap.add_argument("--no-mma", action="store_true",
                     help="the default config with use_mma off (the Triton kernel a call falls back to)")
+    ap.add_argument("--window-splits", default="", metavar="N[,N...]",
+                    help="the default config with DecodeConfig.window_splits = N (-1 automatic, 0 window rows over "
+                         "all splits, k > 0 forced), each timed in this process")
+    ap.add_argument("--table-store", action="store_true",
+                    help="the attention table's store and call (bench_attention.py) instead of a KVStore")
+    ap.add_argument("--rounds", type=int, default=1, help="time the variants this many times, interleaved; "
+                    "print the median (and every round)")
     ap.add_argument("--kernel", default=None, help="path of another decode_attention.py to time instead")
     ap.add_argument("--mask", default="none", choices=("none", "bool", "additive"),
                     help="an attention mask [1, 1, 1, kv_len] as HF passes it (attend to the stored tokens, "
@@ -124,30 +152,46 @@ def main():
         dims = [int(x) for x in shape.split("x")]
         B, Hq, H, T = dims if len(dims) == 4 else (dims[0], dims[1], dims[1], dims[2])
         n = copies_for(B * H * T * (2 * 128 * args.bits // 8 + 8), torch.cuda.mem_get_info()[0])
+        q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
+        if args.table_store:
+            table_ab(args, q, B, Hq, H, T, n)
+            continue
         stores = [make_store(B, H, T, bits=args.bits, G=args.group, device_lengths=not args.host_lengths)
                   for _ in range(n)]
-        q = torch.randn(B, Hq, 1, 128, device="cuda", dtype=torch.bfloat16)
         kv_len = T + 64
         cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=args.mma,
                               max_regs=args.max_regs) if args.mma else None
         if args.no_mma:
             spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
             cfg = dataclasses.replace(da.default_config_for(spec, B), use_mma=False)
+        variants = [(args.tag or "default", cfg)]
+        if args.window_splits:
+            spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
+            variants = [(f"window_splits={w}", dataclasses.replace(cfg or da.default_config_for(spec, B),
+                                                                   window_splits=int(w)))
+                        for w in args.window_splits.split(",")]
         mask = None
         if args.mask != "none":
             keep = (torch.arange(kv_len, device="cuda") < stores[0].length).view(1, 1, 1, kv_len)
             mask = keep if args.mask == "bool" else torch.zeros(keep.shape, dtype=q.dtype, device="cuda").masked_fill(
                 ~keep, torch.finfo(q.dtype).min)
-        dev = ""
-        if cfg is not None:
-            ref = da.decode_attention_store(q, stores[0], attn_mask=mask, kv_len=kv_len).float()
-            got = da.decode_attention_store(q, stores[0], attn_mask=mask, kv_len=kv_len, config=cfg).float()
-            dev = f" (max |mma - default| {(got - ref).abs().max().item():.2e}, max |default| {ref.abs().max().item():.2e})"
-        us = graph_us([call_for(q, s, kv_len, args.empty_window, args.host_lengths, config=cfg, mask=mask)
-                       for s in stores])
-        print(f"AB {args.tag or 'default'} {shape} b{args.bits} g{args.group} {mode}"
-              f"{' empty-window' if args.empty_window else ''}{'' if mask is None else ' mask ' + args.mask}: "
-              f"{us:.2f} us{dev}", flush=True)
+        timings = {tag: [] for tag, _ in variants}
+        for _ in range(args.rounds):   # variants interleaved: a drift of the clocks hits them alike
+            for tag, cfg in variants:
+                timings[tag].append(graph_us([call_for(q, s, kv_len, args.empty_window, args.host_lengths,
+                                                       config=cfg, mask=mask) for s in stores]))
+        for tag, cfg in variants:
+            dev = ""
+            if cfg is not None:
+                ref = da.decode_attention_store(q, stores[0], attn_mask=mask, kv_len=kv_len).float()
+                got = da.decode_attention_store(q, stores[0], attn_mask=mask, kv_len=kv_len, config=cfg).float()
+                dev = (f" (max |variant - default| {(got - ref).abs().max().item():.2e}, "
+                       f"max |default| {ref.abs().max().item():.2e})")
+            ts = sorted(timings[tag])
+            runs = f" (rounds {', '.join(f'{t:.2f}' for t in timings[tag])})" if args.rounds > 1 else ""
+            print(f"AB {tag} {shape} b{args.bits} g{args.group} {mode}"
+                  f"{' empty-window' if args.empty_window else ''}{'' if mask is None else ' mask ' + args.mask}: "
+                  f"{ts[len(ts) // 2]:.2f} us{runs}{dev}", flush=True)
         del stores
         torch.cuda.empty_cache()
 

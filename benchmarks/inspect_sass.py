@@ -89,7 +89,8 @@ def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnre
                LENS="*i32")
     sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in const and n not in ("KV_LEN", "NUM_SPLITS_RT", "LQ_HOST", "L_HOST", "qk_scale", "s_mk")}
+             if n not in const and n not in ("KV_LEN", "NUM_SPLITS_RT", "LQ_HOST", "L_HOST", "WIN_SPLITS", "WIN_COST", "qk_scale",
+                             "s_mk")}
     src = GluonASTSource(fn, sig, {(names.index(k),): v for k, v in const.items() if k in names}, attrs)
     opts = dict(num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)

@@ -1096,6 +1096,15 @@ def check_spec(spec: DecodeSpec) -> str | None:
     return None
 
 
+def split_slots(units: int, cfg: DecodeConfig, device, resident: int | None = None) -> int:
+    """Programs per unit (B*Hq rows or B*Hkv) that the split plan may use: with cfg.ctas_per_sm 0,
+    `wave_splits` over `resident` programs per SM (FALLBACK_CTAS_PER_SM when unknown), else about
+    ctas_per_sm programs per SM."""
+    if cfg.ctas_per_sm == 0:
+        return wave_splits(units, (resident or FALLBACK_CTAS_PER_SM) * _num_sms(device))
+    return -(-cfg.ctas_per_sm * _num_sms(device) // units)
+
+
 def plan_splits(units: int, Lq: int, step: int, has_rest: bool, cfg: DecodeConfig, device,
                 resident: int | None = None) -> tuple[int, int, int]:
     """(num_splits, chunk tokens, res_split) for `units` programs per split (B*Hq rows or B*Hkv).
@@ -1109,10 +1118,7 @@ def plan_splits(units: int, Lq: int, step: int, has_rest: bool, cfg: DecodeConfi
     n_steps = -(-Lq // step)
     if n_steps == 0:
         return 1, step, 0
-    if cfg.ctas_per_sm == 0:
-        total = wave_splits(units, (resident or FALLBACK_CTAS_PER_SM) * _num_sms(device))
-    else:
-        total = -(-cfg.ctas_per_sm * _num_sms(device) // units)
+    total = split_slots(units, cfg, device, resident)
     want = max(1, total - (1 if has_rest else 0))  # the rest's split counts in the target
     max_by_work = max(1, n_steps // max(1, cfg.min_groups_per_split))
     s = min(want, max_by_work, 512)

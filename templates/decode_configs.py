@@ -40,11 +40,18 @@ class DecodeConfig:
                                # trades spills for more resident programs; ignored by the interpreter
     use_mma: bool = False      # CUDA: the Gluon tensor-core kernel (MHA and GQA/MQA, masks too)
                                # (templates/decode_mma.py; `mma_unsupported` says when not)
+    window_splits: int = -1    # Gluon kernel: splits that take the full-precision window rows alone.
+                               # -1: splits without quantized tokens (free wave slots added when the
+                               # splits are long) when the rule of `decode_mma.window_splits` says so;
+                               # 0: window rows dealt over all splits; k > 0: k extra splits, always
 
     def __post_init__(self):
         if not (self.max_regs == 0 or 24 <= self.max_regs <= 255):
             raise ValueError(f"kvpass DecodeConfig: max_regs {self.max_regs!r} is not 0 (no cap) or 24..255 "
                              "registers per thread")
+        if not (isinstance(self.window_splits, int) and self.window_splits >= -1):
+            raise ValueError(f"kvpass DecodeConfig: window_splits {self.window_splits!r} is not -1 (automatic), "
+                             "0 (window rows over all splits) or a positive number of window splits")
 
 
 DEFAULT_CONFIG = DecodeConfig()

@@ -46,7 +46,9 @@ that ptxas does not pack 16-bit halves right at the load (which waits for it). E
 these loads from the address of its first element plus immediate offsets (`_lane_loads_asm`):
 Triton would compute and carry one 64-bit address per element (2-bit G32: 787 -> 694 SASS
 instructions per step). A split's partial last step (if its end is not a multiple of 32) runs once
-after the loop, masked, with ordinary loads.
+after the loop, masked, with ordinary loads. The full-precision window runs after the quantized
+tokens, on the splits that have none where there are such splits and the rows fit them (`window_splits`),
+else every S-th row on every split.
 """
 from __future__ import annotations
 
@@ -636,11 +638,11 @@ def _mask_bias(mv, MASK_KIND: gl.constexpr, MASK_HEADS: gl.constexpr):
         return gl.expand_dims(b, 1)
 
 
-@gluon.jit(do_not_specialize=["LQ_HOST", "L_HOST"])
+@gluon.jit(do_not_specialize=["NUM_SPLITS_RT", "LQ_HOST", "L_HOST", "WIN_SPLITS", "WIN_COST", "WIN_MIN_STEPS"])
 def _kvpass_decode_mma(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, LENS,
     s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh, s_mb, s_mh, s_mk,
-    KV_LEN, NUM_SPLITS_RT, LQ_HOST, L_HOST, qk_scale,
+    KV_LEN, NUM_SPLITS_RT, LQ_HOST, L_HOST, WIN_SPLITS, WIN_COST, WIN_MIN_STEPS, qk_scale,
     BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, REP: gl.constexpr,
     HOST_LENS: gl.constexpr, MASK_KIND: gl.constexpr, MASK_HEADS: gl.constexpr, SOFTCAP: gl.constexpr = 0.0,
 ):
@@ -649,7 +651,12 @@ def _kvpass_decode_mma(
     MASK_KIND (0 none, 1 bool as uint8, 2 additive in q's dtype; MASK [B, Hq, 1, KV_LEN] by strides
     s_mb, s_mh, s_mk), MASK_HEADS (the mask differs between heads: s_mh != 0), SOFTCAP (0.0 none, else
     the model's logit softcap times log2(e), applied to the scores before the mask: `_softcap`).
-    Grid (splits, Hkv, B), one warp. Writes the split's (acc, m, l) for `_kvpass_decode_reduce`, as
+    Grid (splits, Hkv, B), one warp. Split roles (`window_splits`): the quantized tokens go to the first
+    splits, in whole steps, with WIN_SPLITS splits set aside; the splits left without quantized tokens
+    take the full-precision window rows alone when the others have at least WIN_MIN_STEPS quantized
+    steps and the window splits' steps, at WIN_COST quantized steps each, no more (WIN_COST 0 and
+    WIN_MIN_STEPS 0: whenever there are such splits; WIN_COST -1: never); otherwise the quantized tokens go over all splits and every split takes every S-th
+    window row. Writes the split's (acc, m, l) for `_kvpass_decode_reduce`, as
     `_kvpass_decode_dot` does. The mask values of a step's scores are loaded with its keys, one
     iteration before they are read (as the keys are)."""
     gl.static_assert(BITS == 2 or BITS == 4, "BITS must be 2 or 4")
@@ -689,7 +696,15 @@ def _kvpass_decode_mma(
     else:
         Lq = gl.minimum(gl.load(LENS), KV_LEN)
         L = gl.minimum(gl.load(LENS + 1), KV_LEN)
-    chunk = gl.maximum(gl.cdiv(Lq, NUM_SPLITS_RT * STEP), 1) * STEP
+    nwin = L - Lq
+    chunk_w = gl.maximum(gl.cdiv(Lq, (NUM_SPLITS_RT - WIN_SPLITS) * STEP), 1) * STEP   # WIN_SPLITS set aside
+    n_busy = gl.cdiv(Lq, chunk_w)                                  # splits with quantized tokens
+    n_free = NUM_SPLITS_RT - n_busy                                # splits that can take the window alone
+    w_steps = gl.cdiv(nwin, 32 * gl.maximum(n_free, 1))            # window steps on each of them
+    q_steps = chunk_w // 32
+    own = ((n_free > 0) & (WIN_COST >= 0) & (q_steps >= WIN_MIN_STEPS) & (w_steps * WIN_COST <= q_steps)).to(gl.int32)
+    w_first = own * n_busy                                         # the first split with window rows
+    chunk = gl.maximum(gl.cdiv(Lq, (NUM_SPLITS_RT - own * WIN_SPLITS) * STEP), 1) * STEP
     start = pid_s * chunk
     end = gl.maximum(gl.minimum(start + chunk, Lq), start)   # >= start: a split past Lq has no steps (no tail)
 
@@ -771,9 +786,11 @@ def _kvpass_decode_mma(
     # q again for the window (model dtype, as its keys), after the loop: not live across it
     qn = gl.convert_layout(_q_kappa(Q, q_base, s_qh, REP, BITS, True), OPB).to(DT)
 
-    # ---- window rows pid_s, pid_s + S, ... of [Lq, L): model-dtype keys/values, natural channels
-    nwin = L - Lq
-    n_mine = gl.cdiv(nwin - pid_s, NUM_SPLITS_RT)
+    # ---- window rows w, w + W, ... of [Lq, L) for the w-th of the W splits from w_first on: model-dtype
+    # keys/values, natural channels
+    w_stride = NUM_SPLITS_RT - w_first
+    w_me = pid_s - w_first
+    n_mine = gl.cdiv(nwin - w_me, w_stride) * (w_me >= 0).to(gl.int32)
     rk_base = RK + pid_b * s_rb + pid_h * s_rh
     rv_base = RV + pid_b * s_rb + pid_h * s_rh
     WIN: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16], warps_per_cta=[1, 1],
@@ -781,7 +798,7 @@ def _kvpass_decode_mma(
     wr = gl.arange(0, 32, gl.SliceLayout(1, WIN))
     wd = gl.arange(0, 128, gl.SliceLayout(0, WIN))
     for j0 in range(0, n_mine, 32):
-        r = pid_s + (j0 + wr) * NUM_SPLITS_RT                       # window rows of this split
+        r = w_me + (j0 + wr) * w_stride                            # window rows of this split
         woff = gl.expand_dims(r, 1) * HEAD_DIM + gl.expand_dims(wd, 0)
         wmask = gl.expand_dims(r < nwin, 1)
         kwin = gl.load(rk_base + woff, mask=wmask, other=0.0)       # [32 rows, 128 channels], natural order
@@ -790,7 +807,7 @@ def _kvpass_decode_mma(
         s = mma_v2(kwin, qn, gl.zeros([32, 8], gl.float32, MMA)) * qk_scale
         if SOFTCAP > 0.0:
             s = _softcap(s, SOFTCAP)
-        r_s = pid_s + (j0 + st) * NUM_SPLITS_RT
+        r_s = w_me + (j0 + st) * w_stride
         if MASK_KIND != 0:
             s = s + _mask_bias(_mask_vals(MASK, mrow, Lq + r_s, r_s < nwin, s_mk, MASK_KIND, MASK_HEADS),
                                MASK_KIND, MASK_HEADS)
@@ -881,6 +898,47 @@ def log_fallback(why: str) -> None:
               "using the Triton kernel")
 
 
+# `window_splits`' rule, from graph-timed A/Bs on the H100 (benchmarks/NOTES.md, session 17): the
+# window goes to splits without quantized tokens only when the others have at least
+# WINDOW_MIN_STEPS quantized 32-token steps and at least WINDOW_STEP_COST per window step of the
+# window splits (MHA batch 1 at 16k: 16 steps against 4 window steps, 5.6 % faster; 32k 3.6 %).
+# Shorter splits won 4-10 % in 5 of 6 measurements (4k MHA and GQA, GQA 16k with 5-step splits) but
+# lost 2-9 % in the attention table's GQA 16k (4-step splits): left out until measured further
+# (results/ab_window_s17.log).
+WINDOW_STEP_COST = 2
+WINDOW_MIN_STEPS = 8
+
+
+def window_splits(units: int, splits: int, chunk_steps: int, window_rows: int, config, device,
+                  resident: int) -> tuple[int, int]:
+    """(WIN_SPLITS, WIN_COST) of a launch whose split plan gave `splits` splits per unit (B * Hkv).
+
+    The full-precision window (up to `window_rows` rows) costs a program a window step (two row
+    loads, their conversion through shared memory, two MMAs) however few of its rows it holds, so
+    dealing it over all splits puts one window step on every split's critical path. Splits without
+    quantized tokens can take the window alone instead: the wave's slots beyond the plan
+    (`split_slots` - splits, at most one per 32 window rows: WIN_SPLITS, added to the launch) and
+    the plan's splits that the call's Lq leaves empty (the plan is made for the capacity; Lq is
+    only known in the kernel under device lengths). The kernel gives them the window, per call,
+    when the other splits have at least WINDOW_MIN_STEPS quantized steps and at least WIN_COST
+    (WINDOW_STEP_COST) per window step of the window splits; extra splits are added only when the
+    planned splits are that long. H100, graph-timed in one process, window over all splits -> on
+    splits of its own, 2-bit G32, the attention table's store (results/ab_window_s17.log, run 11):
+    MHA batch 1 16k 30.1 -> 28.4 us, 32k 49.7 -> 47.9, 4-bit 16k 38.5 -> 37.9; GQA 32/8 batch 1 16k
+    and 32k unchanged; batch >= 8 fills the wave (no split is free).
+    config.window_splits: -1 that rule, 0 never (WIN_COST -1), k > 0 always: k window splits and any
+    other split left without quantized tokens (WIN_COST 0)."""
+    if config.window_splits == 0 or window_rows <= 0:
+        return 0, -1
+    if config.window_splits > 0:
+        return config.window_splits, 0
+    from kvpass.templates import decode_attention as da
+    if chunk_steps < WINDOW_MIN_STEPS:   # the planned splits are too short to give the window its own
+        return 0, WINDOW_STEP_COST
+    free = da.split_slots(units, config, device, resident) - splits
+    return max(0, min(free, -(-window_rows // BLOCK_N))), WINDOW_STEP_COST
+
+
 def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, *,
                          kv_len, key_bits, group_size, sm_scale, config, out=None, host_lengths=(0, 0),
                          mask=(0, None, (0, 0, 0)), softcap=0.0):
@@ -908,8 +966,10 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     # (their strides of 1 would specialize the kernel differently from every other launch)
     part_strides = ((kc.stride(0), kc.stride(1), k_scale.stride(0), k_scale.stride(1),
                      vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1)) if quantized else (0,) * 8)
-    S = da.plan_splits(B * H, host_lengths[0] if host else kv_len, step, False, config, q.device,
-                       resident_per_sm(config.max_regs))[0]
+    resident = resident_per_sm(config.max_regs)
+    S, chunk = da.plan_splits(B * H, host_lengths[0] if host else kv_len, step, False, config, q.device, resident)[:2]
+    win_splits, win_cost = window_splits(B * H, S, chunk // BLOCK_N, res_k.shape[2], config, q.device, resident)
+    S += win_splits
     if out is None:
         out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
     op = torch.empty(B * Hq * S, D, dtype=torch.float32, device=q.device)
@@ -921,7 +981,8 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
             q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, q if mask_t is None else mask_t, op, om, ol,
             q if host else lengths,
             q.stride(0), q.stride(1), *part_strides, rs[0], rs[1], *s_m,
-            kv_len, S, host_lengths[0], host_lengths[1], sm_scale * da.LOG2E,
+            kv_len, S, host_lengths[0], host_lengths[1], win_splits, win_cost, 0 if win_cost <= 0 else WINDOW_MIN_STEPS,
+            sm_scale * da.LOG2E,
             BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, HOST_LENS=host, MASK_KIND=mask_kind,
             MASK_HEADS=mask_kind != 0 and s_m[1] != 0, num_warps=1,
             **({"maxnreg": config.max_regs} if config.max_regs else {}),

@@ -105,6 +105,38 @@ def test_mma_with_a_mask_matches_golden(case, mma_launches):
     assert mma_launches == [(0, 0), (Lq, L)], "the Gluon kernel did not run in both length modes"
 
 
+# (B, bits, G, dtype, rep, Lq, L, kv_len, window_splits, mask kind): the window on splits of its own
+# (`decode_mma.window_splits`). k > 0 forces k window splits; -1 is the automatic rule, which takes
+# them at batch 1 with a long quantized part ("auto_b1": 4 quantized steps per split, one window step
+# each) and not when the quantized part is short for the cache's capacity ("auto_short_lq").
+WINDOW_CASES = {
+    "forced1_two_window_steps": (2, 2, 32, BF16, 4, 640, 700, 760, 1, None),
+    "forced3_mha_bool": (2, 4, 32, FP16, 1, 320, 350, 350, 3, "bool"),
+    "forced2_lq0_additive": (2, 2, 32, BF16, 4, 0, 50, 90, 2, "additive"),
+    "forced8_more_splits_than_rows": (2, 2, 64, BF16, 2, 512, 517, 600, 8, None),
+    "auto_b1": (1, 2, 32, BF16, 4, 4096, 4196, 4196, -1, "bool"),
+    "auto_b1_mha_g128": (1, 2, 128, FP16, 1, 4096, 4150, 4300, -1, None),
+    "auto_short_lq": (1, 2, 32, BF16, 4, 256, 356, 4196, -1, None),
+}
+
+
+@gpu_only
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+def test_mma_window_splits_match_golden(case, mma_launches):
+    """Window rows on splits of their own, in both length modes: rows dealt over those splits only,
+    splits left without rows, a window longer than one step per split, masks over the window."""
+    B, bits, G, dtype, rep, Lq, L, kv_len, wsplits, kind = WINDOW_CASES[case]
+    H, D = 2, 128
+    seed = sum(map(ord, case))
+    st = _exact_store(B, H, D, Lq, L, bits, bits, G, dtype, seed)
+    q = _q(B, H * rep, D, dtype, seed)
+    mask = _mask(kind, B, L, kv_len, seed, dtype)
+    cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, window_splits=wsplits)
+    out = _device_call(q, st, kv_len, mask, cfg, seed=seed)
+    _assert_close_to_golden(out, q, st, mask, kv_len, cfg)
+    assert mma_launches == [(0, 0), (Lq, L)], "the Gluon kernel did not run in both length modes"
+
+
 # (bits, G, dtype, rep, Lq, L, kv_len, mask kind): logit softcap (Gemma2) in both length modes
 SOFTCAP_CASES = {
     "gqa_bf16_tail": (2, 32, BF16, 4, 640, 700, 800, None),
