@@ -6,7 +6,7 @@ reaches Lq has no window tokens to add), in host- or device-lengths mode.
 
     PYTHONPATH=. python3 benchmarks/ab_decode.py --shapes 1x32x16384,8x32x8x16384 [--bits 2] [--group 32]
         [--old-reduce] [--empty-window] [--host-lengths] [--mask bool|additive] [--kernel OLD_DECODE_ATTENTION.py]
-        [--tag NAME] [--window-splits=-1,0] [--rounds 3]
+        [--tag NAME] [--window-splits=-1,0] [--rounds 3] [--table-store] [--mma-kernel OLD_DECODE_MMA.py]
 
 Prints one line per shape: tag, shape, bits, group, lengths mode, microseconds per call.
 """
@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import copies_for, graph_us  # noqa: E402
 from benchmarks.tune_decode_graph import make_store  # noqa: E402
 from kvpass.templates import decode_attention as da  # noqa: E402
+from kvpass.templates import decode_mma  # noqa: E402
 
 
 @triton.jit
@@ -95,6 +96,31 @@ def load_kernel_module(path: str):
     da = mod
 
 
+def load_mma_module(path: str):
+    """Another version of templates/decode_mma.py (e.g. `git show 61f222f:templates/decode_mma.py >
+    old_mma.py`) as a module of its own, to time its kernel against the package's in one process
+    (separate processes differ by a few percent at batch 1: benchmarks/NOTES.md, session 17)."""
+    spec = importlib.util.spec_from_file_location(f"kvpass_ab_mma_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def with_mma(fn, module):
+    """fn with `decode_attention`'s Gluon launcher taken from `module` while it runs (None: as is)."""
+    if module is None:
+        return fn
+
+    def run():
+        real = decode_mma.decode_attention_mma
+        decode_mma.decode_attention_mma = module.decode_attention_mma
+        try:
+            return fn()
+        finally:
+            decode_mma.decode_attention_mma = real
+    return run
+
+
 def table_ab(args, q, B, Hq, H, T, n):
     """--table-store: the attention table's store and call (`bench_attention.table_row`: 100-token
     window, kv_len = L, device lengths) for each --window-splits variant, interleaved over --rounds."""
@@ -103,14 +129,15 @@ def table_ab(args, q, B, Hq, H, T, n):
     lengths = torch.tensor([stores[0]["quantized_length"], stores[0]["length"]], dtype=torch.int32, device="cuda")
     spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
     base = da.default_config_for(spec, B)
-    variants = [(f"window_splits={w}", dataclasses.replace(base, window_splits=int(w)))
+    variants = [(f"window_splits={w}", dataclasses.replace(base, window_splits=int(w)), None)
                 for w in (args.window_splits or "-1").split(",")]
-    timings = {tag: [] for tag, _ in variants}
+    variants += [(f"mma_kernel={path}", base, load_mma_module(path)) for path in args.mma_kernel]
+    timings = {tag: [] for tag, _, _ in variants}
     for _ in range(args.rounds):
-        for tag, cfg in variants:
-            timings[tag].append(graph_us([lambda s=s, cfg=cfg: ba.run_kvpass_device(q, s, lengths, cfg)
-                                          for s in stores]))
-    for tag, _ in variants:
+        for tag, cfg, module in variants:
+            timings[tag].append(graph_us([with_mma(lambda s=s, cfg=cfg: ba.run_kvpass_device(q, s, lengths, cfg),
+                                                   module) for s in stores]))
+    for tag, _, _ in variants:
         ts = sorted(timings[tag])
         print(f"AB {tag} {B}x{Hq}x{H}x{T} b{args.bits} g{args.group} table store: {ts[len(ts) // 2]:.2f} us "
               f"(rounds {', '.join(f'{t:.2f}' for t in timings[tag])})", flush=True)
@@ -135,6 +162,9 @@ def main():
     ap.add_argument("--window-splits", default="", metavar="N[,N...]",
                     help="the default config with DecodeConfig.window_splits = N (-1 automatic, 0 window rows over "
                          "all splits, k > 0 forced), each timed in this process")
+    ap.add_argument("--mma-kernel", action="append", default=[], metavar="OLD_DECODE_MMA.py",
+                    help="another templates/decode_mma.py whose launcher and kernel are timed beside the "
+                         "package's, interleaved in this process (repeatable)")
     ap.add_argument("--table-store", action="store_true",
                     help="the attention table's store and call (bench_attention.py) instead of a KVStore")
     ap.add_argument("--rounds", type=int, default=1, help="time the variants this many times, interleaved; "
@@ -164,27 +194,29 @@ def main():
         if args.no_mma:
             spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
             cfg = dataclasses.replace(da.default_config_for(spec, B), use_mma=False)
-        variants = [(args.tag or "default", cfg)]
+        variants = [(args.tag or "default", cfg, None)]
         if args.window_splits:
             spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
             variants = [(f"window_splits={w}", dataclasses.replace(cfg or da.default_config_for(spec, B),
-                                                                   window_splits=int(w)))
+                                                                   window_splits=int(w)), None)
                         for w in args.window_splits.split(",")]
+        variants += [(f"mma_kernel={path}", cfg, load_mma_module(path)) for path in args.mma_kernel]
         mask = None
         if args.mask != "none":
             keep = (torch.arange(kv_len, device="cuda") < stores[0].length).view(1, 1, 1, kv_len)
             mask = keep if args.mask == "bool" else torch.zeros(keep.shape, dtype=q.dtype, device="cuda").masked_fill(
                 ~keep, torch.finfo(q.dtype).min)
-        timings = {tag: [] for tag, _ in variants}
+        timings = {tag: [] for tag, _, _ in variants}
         for _ in range(args.rounds):   # variants interleaved: a drift of the clocks hits them alike
-            for tag, cfg in variants:
-                timings[tag].append(graph_us([call_for(q, s, kv_len, args.empty_window, args.host_lengths,
-                                                       config=cfg, mask=mask) for s in stores]))
-        for tag, cfg in variants:
+            for tag, cfg, module in variants:
+                timings[tag].append(graph_us([with_mma(call_for(q, s, kv_len, args.empty_window, args.host_lengths,
+                                                                config=cfg, mask=mask), module) for s in stores]))
+        for tag, cfg, module in variants:
             dev = ""
-            if cfg is not None:
+            if cfg is not None or module is not None:
                 ref = da.decode_attention_store(q, stores[0], attn_mask=mask, kv_len=kv_len).float()
-                got = da.decode_attention_store(q, stores[0], attn_mask=mask, kv_len=kv_len, config=cfg).float()
+                got = with_mma(lambda: da.decode_attention_store(q, stores[0], attn_mask=mask, kv_len=kv_len,
+                                                                 config=cfg), module)().float()
                 dev = (f" (max |variant - default| {(got - ref).abs().max().item():.2e}, "
                        f"max |default| {ref.abs().max().item():.2e})")
             ts = sorted(timings[tag])
