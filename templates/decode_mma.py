@@ -655,8 +655,9 @@ def _kvpass_decode_mma(
     splits, in whole steps, with WIN_SPLITS splits set aside; the splits left without quantized tokens
     take the full-precision window rows alone when the others have at least WIN_MIN_STEPS quantized
     steps and the window splits' steps, at WIN_COST quantized steps each, no more (WIN_COST 0 and
-    WIN_MIN_STEPS 0: whenever there are such splits; WIN_COST -1: never); otherwise the quantized tokens go over all splits and every split takes every S-th
-    window row. Writes the split's (acc, m, l) for `_kvpass_decode_reduce`, as
+    WIN_MIN_STEPS 0: whenever there are such splits; WIN_COST -1: never); otherwise the quantized
+    tokens go over all splits and every split takes every S-th window row. Writes the split's
+    (acc, m, l) for `_kvpass_decode_reduce`, as
     `_kvpass_decode_dot` does. The mask values of a step's scores are loaded with its keys, one
     iteration before they are read (as the keys are)."""
     gl.static_assert(BITS == 2 or BITS == 4, "BITS must be 2 or 4")
