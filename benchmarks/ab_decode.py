@@ -121,6 +121,23 @@ def with_mma(fn, module):
     return run
 
 
+def interleaved_us(variants, calls_for, rounds: int) -> dict:
+    """{tag: [us of each round]} of variants (tag, config, mma module or None): each round times every
+    variant once, graph-timed over `calls_for(config)` (one call per store copy), so that a drift of
+    the clocks hits all variants alike."""
+    timings = {tag: [] for tag, _, _ in variants}
+    for _ in range(rounds):
+        for tag, cfg, module in variants:
+            timings[tag].append(graph_us([with_mma(fn, module) for fn in calls_for(cfg)]))
+    return timings
+
+
+def median_text(ts: list) -> str:
+    """'M us' (the median), with every round when there were several."""
+    med = sorted(ts)[len(ts) // 2]
+    return f"{med:.2f} us" + (f" (rounds {', '.join(f'{t:.2f}' for t in ts)})" if len(ts) > 1 else "")
+
+
 def table_ab(args, q, B, Hq, H, T, n):
     """--table-store: the attention table's store and call (`bench_attention.table_row`: 100-token
     window, kv_len = L, device lengths) for each --window-splits variant, interleaved over --rounds."""
@@ -132,15 +149,11 @@ def table_ab(args, q, B, Hq, H, T, n):
     variants = [(f"window_splits={w}", dataclasses.replace(base, window_splits=int(w)), None)
                 for w in (args.window_splits or "-1").split(",")]
     variants += [(f"mma_kernel={path}", base, load_mma_module(path)) for path in args.mma_kernel]
-    timings = {tag: [] for tag, _, _ in variants}
-    for _ in range(args.rounds):
-        for tag, cfg, module in variants:
-            timings[tag].append(graph_us([with_mma(lambda s=s, cfg=cfg: ba.run_kvpass_device(q, s, lengths, cfg),
-                                                   module) for s in stores]))
+    timings = interleaved_us(
+        variants, lambda cfg: [lambda s=s: ba.run_kvpass_device(q, s, lengths, cfg) for s in stores], args.rounds)
     for tag, _, _ in variants:
-        ts = sorted(timings[tag])
-        print(f"AB {tag} {B}x{Hq}x{H}x{T} b{args.bits} g{args.group} table store: {ts[len(ts) // 2]:.2f} us "
-              f"(rounds {', '.join(f'{t:.2f}' for t in timings[tag])})", flush=True)
+        print(f"AB {tag} {B}x{Hq}x{H}x{T} b{args.bits} g{args.group} table store: {median_text(timings[tag])}",
+              flush=True)
 
 
 def main():
@@ -191,12 +204,11 @@ def main():
         kv_len = T + 64
         cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=args.mma,
                               max_regs=args.max_regs) if args.mma else None
+        spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
         if args.no_mma:
-            spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
             cfg = dataclasses.replace(da.default_config_for(spec, B), use_mma=False)
         variants = [(args.tag or "default", cfg, None)]
         if args.window_splits:
-            spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
             variants = [(f"window_splits={w}", dataclasses.replace(cfg or da.default_config_for(spec, B),
                                                                    window_splits=int(w)), None)
                         for w in args.window_splits.split(",")]
@@ -206,11 +218,9 @@ def main():
             keep = (torch.arange(kv_len, device="cuda") < stores[0].length).view(1, 1, 1, kv_len)
             mask = keep if args.mask == "bool" else torch.zeros(keep.shape, dtype=q.dtype, device="cuda").masked_fill(
                 ~keep, torch.finfo(q.dtype).min)
-        timings = {tag: [] for tag, _, _ in variants}
-        for _ in range(args.rounds):   # variants interleaved: a drift of the clocks hits them alike
-            for tag, cfg, module in variants:
-                timings[tag].append(graph_us([with_mma(call_for(q, s, kv_len, args.empty_window, args.host_lengths,
-                                                                config=cfg, mask=mask), module) for s in stores]))
+        timings = interleaved_us(
+            variants, lambda cfg: [call_for(q, s, kv_len, args.empty_window, args.host_lengths, config=cfg, mask=mask)
+                                   for s in stores], args.rounds)
         for tag, cfg, module in variants:
             dev = ""
             if cfg is not None or module is not None:
@@ -219,11 +229,9 @@ def main():
                                                                  config=cfg), module)().float()
                 dev = (f" (max |variant - default| {(got - ref).abs().max().item():.2e}, "
                        f"max |default| {ref.abs().max().item():.2e})")
-            ts = sorted(timings[tag])
-            runs = f" (rounds {', '.join(f'{t:.2f}' for t in timings[tag])})" if args.rounds > 1 else ""
             print(f"AB {tag} {shape} b{args.bits} g{args.group} {mode}"
                   f"{' empty-window' if args.empty_window else ''}{'' if mask is None else ' mask ' + args.mask}: "
-                  f"{ts[len(ts) // 2]:.2f} us{runs}{dev}", flush=True)
+                  f"{median_text(timings[tag])}{dev}", flush=True)
         del stores
         torch.cuda.empty_cache()
 
