@@ -911,8 +911,8 @@ WINDOW_MIN_STEPS = 8
 
 
 def window_splits(units: int, splits: int, chunk_steps: int, window_rows: int, config, device,
-                  resident: int) -> tuple[int, int]:
-    """(WIN_SPLITS, WIN_COST) of a launch whose split plan gave `splits` splits per unit (B * Hkv).
+                  resident: int) -> tuple[int, int, int]:
+    """(WIN_SPLITS, WIN_COST, WIN_MIN_STEPS) of a launch whose split plan gave `splits` splits per unit (B * Hkv).
 
     The full-precision window (up to `window_rows` rows) costs a program a window step (two row
     loads, their conversion through shared memory, two MMAs) however few of its rows it holds, so
@@ -928,16 +928,16 @@ def window_splits(units: int, splits: int, chunk_steps: int, window_rows: int, c
     MHA batch 1 16k 30.1 -> 28.4 us, 32k 49.7 -> 47.9, 4-bit 16k 38.5 -> 37.9; GQA 32/8 batch 1 16k
     and 32k unchanged; batch >= 8 fills the wave (no split is free).
     config.window_splits: -1 that rule, 0 never (WIN_COST -1), k > 0 always: k window splits and any
-    other split left without quantized tokens (WIN_COST 0)."""
+    other split left without quantized tokens (WIN_COST 0, WIN_MIN_STEPS 0)."""
     if config.window_splits == 0 or window_rows <= 0:
-        return 0, -1
+        return 0, -1, 0
     if config.window_splits > 0:
-        return config.window_splits, 0
+        return config.window_splits, 0, 0
     from kvpass.templates import decode_attention as da
     if chunk_steps < WINDOW_MIN_STEPS:   # the planned splits are too short to give the window its own
-        return 0, WINDOW_STEP_COST
+        return 0, WINDOW_STEP_COST, WINDOW_MIN_STEPS
     free = da.split_slots(units, config, device, resident) - splits
-    return max(0, min(free, -(-window_rows // BLOCK_N))), WINDOW_STEP_COST
+    return max(0, min(free, -(-window_rows // BLOCK_N))), WINDOW_STEP_COST, WINDOW_MIN_STEPS
 
 
 def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, res_k, res_v, lengths, *,
@@ -969,8 +969,8 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
                      vc.stride(0), vc.stride(1), v_scale.stride(0), v_scale.stride(1)) if quantized else (0,) * 8)
     resident = resident_per_sm(config.max_regs)
     S, chunk = da.plan_splits(B * H, host_lengths[0] if host else kv_len, step, False, config, q.device, resident)[:2]
-    win_splits, win_cost = window_splits(B * H, S, chunk // BLOCK_N, res_k.shape[2], config, q.device, resident)
-    S += win_splits
+    window = window_splits(B * H, S, chunk // BLOCK_N, res_k.shape[2], config, q.device, resident)
+    S += window[0]
     if out is None:
         out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
     op = torch.empty(B * Hq * S, D, dtype=torch.float32, device=q.device)
@@ -982,8 +982,7 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
             q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, q if mask_t is None else mask_t, op, om, ol,
             q if host else lengths,
             q.stride(0), q.stride(1), *part_strides, rs[0], rs[1], *s_m,
-            kv_len, S, host_lengths[0], host_lengths[1], win_splits, win_cost, 0 if win_cost <= 0 else WINDOW_MIN_STEPS,
-            sm_scale * da.LOG2E,
+            kv_len, S, host_lengths[0], host_lengths[1], *window, sm_scale * da.LOG2E,
             BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, HOST_LENS=host, MASK_KIND=mask_kind,
             MASK_HEADS=mask_kind != 0 and s_m[1] != 0, num_warps=1,
             **({"maxnreg": config.max_regs} if config.max_regs else {}),

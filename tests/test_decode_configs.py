@@ -218,18 +218,18 @@ def test_window_splits_take_the_free_wave_slots():
     """`decode_mma.window_splits`: with splits of at least WINDOW_MIN_STEPS steps, the wave's slots
     beyond the plan's splits, at most one per 32 window rows, and the window-step cost the kernel
     weighs them by; shorter splits: none added (the kernel may still use splits the call's Lq leaves
-    empty); 0 never (cost -1); k > 0 always (cost 0)."""
+    empty); 0 never (cost -1); k > 0 always (cost 0, no minimum)."""
     from kvpass.templates import decode_mma
     dev = torch.device("cpu")                              # 4 "SMs" off the GPU: 8 x 4 = 32 slots
     auto = dc.DecodeConfig(use_mma=True, ctas_per_sm=0)
     slots = dc.wave_splits(2, 8 * 4)                       # 16 per unit for 2 units
     cost, long = decode_mma.WINDOW_STEP_COST, decode_mma.WINDOW_MIN_STEPS
     ws = decode_mma.window_splits
-    assert ws(2, slots - 4, long, 100, auto, dev, 8) == (4, cost)      # 4 x 32 rows hold 100
-    assert ws(2, slots - 6, long, 100, auto, dev, 8) == (4, cost)      # capped by the rows
-    assert ws(2, slots - 1, long, 100, auto, dev, 8) == (1, cost)
-    assert ws(2, slots, long, 100, auto, dev, 8) == (0, cost)          # a full wave: none added
-    assert ws(2, slots - 4, long - 1, 100, auto, dev, 8) == (0, cost)  # short splits: none added
-    assert ws(2, 4, long, 0, auto, dev, 8) == (0, -1)                  # no window: never
-    assert ws(2, 4, long, 100, dc.DecodeConfig(window_splits=0), dev, 8) == (0, -1)
-    assert ws(2, slots, 1, 100, dc.DecodeConfig(window_splits=3), dev, 8) == (3, 0)
+    assert ws(2, slots - 4, long, 100, auto, dev, 8) == (4, cost, long)      # 4 x 32 rows hold 100
+    assert ws(2, slots - 6, long, 100, auto, dev, 8) == (4, cost, long)      # capped by the rows
+    assert ws(2, slots - 1, long, 100, auto, dev, 8) == (1, cost, long)
+    assert ws(2, slots, long, 100, auto, dev, 8) == (0, cost, long)          # a full wave: none added
+    assert ws(2, slots - 4, long - 1, 100, auto, dev, 8) == (0, cost, long)  # short splits: none added
+    assert ws(2, 4, long, 0, auto, dev, 8) == (0, -1, 0)                     # no window: never
+    assert ws(2, 4, long, 100, dc.DecodeConfig(window_splits=0), dev, 8) == (0, -1, 0)
+    assert ws(2, slots, 1, 100, dc.DecodeConfig(window_splits=3), dev, 8) == (3, 0, 0)

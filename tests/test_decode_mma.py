@@ -137,6 +137,43 @@ def test_mma_window_splits_match_golden(case, mma_launches):
     assert mma_launches == [(0, 0), (Lq, L)], "the Gluon kernel did not run in both length modes"
 
 
+@pytest.mark.parametrize("wsplits", [-1, 0, 3])
+def test_launcher_passes_the_window_splits_it_plans(wsplits, monkeypatch):
+    """The launcher (CPU, the kernels replaced by recorders) launches the planned splits plus
+    WIN_SPLITS, passes `window_splits`' (WIN_SPLITS, WIN_COST, WIN_MIN_STEPS) as the kernel's
+    arguments of those names, and reduces over the same number of splits."""
+    from kvpass.templates import decode_mma
+
+    names = decode_mma._kvpass_decode_mma.arg_names
+    launches, plans = [], []
+
+    class _Recorder:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.kind, grid, args))
+
+    real_plan = decode_mma.window_splits
+    monkeypatch.setattr(decode_mma, "window_splits", lambda *a: plans.append(real_plan(*a)) or plans[-1])
+    monkeypatch.setattr(decode_mma, "_kvpass_decode_mma", _Recorder("decode"))
+    monkeypatch.setattr(da, "_kvpass_decode_reduce", _Recorder("reduce"))
+    monkeypatch.setattr(decode_mma, "mma_unsupported", lambda *a, **k: None)
+    st = _exact_store(1, 2, 128, 4096, 4196, 2, 2, 32, BF16, 7)
+    q = _q(1, 8, 128, BF16, 7)
+    cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, window_splits=wsplits)
+    _device_call(q, st, 4196, None, cfg, seed=7)
+    (plan,) = plans
+    ((_, grid, args),) = [x for x in launches if x[0] == "decode"]
+    ((_, _, reduce_args),) = [x for x in launches if x[0] == "reduce"]
+    arg = dict(zip(names, args))
+    assert (arg["WIN_SPLITS"], arg["WIN_COST"], arg["WIN_MIN_STEPS"]) == plan
+    assert grid[0] == arg["NUM_SPLITS_RT"] == reduce_args[4]
+    assert plan == {0: (0, -1, 0), 3: (3, 0, 0)}.get(wsplits, plan)
+    planned = da.plan_splits(2, 4196, 32, False, cfg, q.device, decode_mma.resident_per_sm(cfg.max_regs))[0]
+    assert grid[0] == planned + plan[0]   # the plan's splits plus the window's own
+
+
 # (bits, G, dtype, rep, Lq, L, kv_len, mask kind): logit softcap (Gemma2) in both length modes
 SOFTCAP_CASES = {
     "gqa_bf16_tail": (2, 32, BF16, 4, 640, 700, 800, None),
