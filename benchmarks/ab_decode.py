@@ -146,7 +146,7 @@ def table_ab(args, q, B, Hq, H, T, n):
     lengths = torch.tensor([stores[0]["quantized_length"], stores[0]["length"]], dtype=torch.int32, device="cuda")
     spec = da.DecodeSpec(args.bits, args.bits, args.group, 128, torch.bfloat16, Hq // H)
     base = da.default_config_for(spec, B)
-    variants = [(f"window_splits={w}", dataclasses.replace(base, window_splits=int(w)), None)
+    variants = [(f"package window_splits={w}", dataclasses.replace(base, window_splits=int(w)), None)
                 for w in (args.window_splits or "-1").split(",")]
     variants += [(f"mma_kernel={path}", base, load_mma_module(path)) for path in args.mma_kernel]
     timings = interleaved_us(
@@ -209,7 +209,7 @@ def main():
             cfg = dataclasses.replace(da.default_config_for(spec, B), use_mma=False)
         variants = [(args.tag or "default", cfg, None)]
         if args.window_splits:
-            variants = [(f"window_splits={w}", dataclasses.replace(cfg or da.default_config_for(spec, B),
+            variants = [(f"package window_splits={w}", dataclasses.replace(cfg or da.default_config_for(spec, B),
                                                                    window_splits=int(w)), None)
                         for w in args.window_splits.split(",")]
         variants += [(f"mma_kernel={path}", cfg, load_mma_module(path)) for path in args.mma_kernel]

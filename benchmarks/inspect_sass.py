@@ -7,7 +7,8 @@ on recent global loads (`sass_waits`: the cause of most "same SASS, 10-30 % slow
         [--bits 2] [--group 32] [--head-dim 128] [--no-asm] [--stages 2] [--maxnreg N] [--hb 4] [--softcap C]
         [--dump FILE]
 
-`--variant mma` is the Gluon kernel (templates/decode_mma.py; --rep, --dtype, --mask). Per loop the
+`--variant mma` is the Gluon kernel (templates/decode_mma.py; --rep, --dtype, --mask; --mma-kernel
+OTHER.py compiles another version of that file, e.g. a patch from benchmarks/results). Per loop the
 report also says how soon its global loads are first read within the same iteration (a prefetch
 read a few instructions after its load waits for memory right there).
 
@@ -71,14 +72,15 @@ def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: 
 
 
 def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnreg: int | None = None,
-                host_lengths: bool = False, mask: str = "none", softcap: float = 0.0):
+                host_lengths: bool = False, mask: str = "none", softcap: float = 0.0, module=None):
     """The Gluon kernel `_kvpass_decode_mma` compiled for sm_90 as `decode_attention_mma` launches it
     (one warp, pointers and strides % 16 except the runtime lengths, qk_scale and the mask's key
     stride; device lengths unless host_lengths; mask none, bool or additive, the same for all
-    heads, or bool-heads / additive-heads)."""
+    heads, or bool-heads / additive-heads). module: another decode_mma.py's module
+    (`ab_decode.load_mma_module`), else the package's."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from kvpass.templates import decode_mma
-    fn = decode_mma._kvpass_decode_mma
+    fn = (module or decode_mma)._kvpass_decode_mma
     names = list(fn.arg_names)
     kind = mask.split("-")[0]
     const = dict(BITS=bits, GROUP_SIZE=group, HEAD_DIM=128, REP=rep, HOST_LENS=host_lengths,
@@ -89,8 +91,8 @@ def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnre
                LENS="*i32")
     sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in const and n not in ("KV_LEN", "NUM_SPLITS_RT", "LQ_HOST", "L_HOST", "WIN_SPLITS", "WIN_COST", "qk_scale",
-                             "s_mk")}
+             if n not in const and not n.startswith("WIN_")
+             and n not in ("KV_LEN", "NUM_SPLITS_RT", "LQ_HOST", "L_HOST", "qk_scale", "s_mk")}
     src = GluonASTSource(fn, sig, {(names.index(k),): v for k, v in const.items() if k in names}, attrs)
     opts = dict(num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
@@ -191,6 +193,7 @@ def main():
     ap.add_argument("--softcap", type=float, default=0.0, help="the model's logit softcap (0: none; Gemma2: 50)")
     ap.add_argument("--dump", default=None, help="write the SASS here")
     ap.add_argument("--kernel", default=None, help="path of another decode_attention.py to compile instead")
+    ap.add_argument("--mma-kernel", default=None, help="(mma) path of another decode_mma.py to compile instead")
     a = ap.parse_args()
     if a.kernel:
         global da
@@ -200,7 +203,9 @@ def main():
     from benchmarks.ab_decode import use_variant
     use_variant(a.old_reduce, a.reduce_block)
     if a.variant == "mma":
-        k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg, a.host_lengths, a.mask, a.softcap)
+        from benchmarks.ab_decode import load_mma_module
+        k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg, a.host_lengths, a.mask, a.softcap,
+                        load_mma_module(a.mma_kernel) if a.mma_kernel else None)
         report, sass = sass_report(k)
         lens = "host" if a.host_lengths else "device"
         print(f"mma b{a.bits} g{a.group} rep {a.rep or 4} {a.dtype} {lens} lengths: {report}")
