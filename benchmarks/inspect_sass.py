@@ -200,10 +200,9 @@ def main():
         from benchmarks import ab_decode
         ab_decode.load_kernel_module(a.kernel)
         da = ab_decode.da
-    from benchmarks.ab_decode import use_variant
+    from benchmarks.ab_decode import load_mma_module, use_variant
     use_variant(a.old_reduce, a.reduce_block)
     if a.variant == "mma":
-        from benchmarks.ab_decode import load_mma_module
         k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg, a.host_lengths, a.mask, a.softcap,
                         load_mma_module(a.mma_kernel) if a.mma_kernel else None)
         report, sass = sass_report(k)
