@@ -6,7 +6,7 @@ reaches Lq has no window tokens to add), in host- or device-lengths mode.
 
     PYTHONPATH=. python3 benchmarks/ab_decode.py --shapes 1x32x16384,8x32x8x16384 [--bits 2] [--group 32]
         [--old-reduce] [--empty-window] [--host-lengths] [--mask bool|additive] [--kernel OLD_DECODE_ATTENTION.py]
-        [--tag NAME] [--window-splits=-1,0] [--rounds 3] [--table-store] [--mma-kernel OLD_DECODE_MMA.py]
+        [--tag NAME] [--window-splits=-1,0] [--rounds 3] [--table-store [--regs 0,168]] [--mma-kernel OLD_DECODE_MMA.py]
 
 Prints one line per shape: tag, shape, bits, group, lengths mode, microseconds per call.
 """
@@ -148,6 +148,8 @@ def table_ab(args, q, B, Hq, H, T, n):
     base = da.default_config_for(spec, B)
     variants = [(f"package window_splits={w}", dataclasses.replace(base, window_splits=int(w)), None)
                 for w in (args.window_splits or "-1").split(",")]
+    variants += [(f"package max_regs={r}", dataclasses.replace(base, max_regs=int(r)), None)
+                 for r in args.regs.split(",") if args.regs]
     variants += [(f"mma_kernel={path}", base, load_mma_module(path)) for path in args.mma_kernel]
     timings = interleaved_us(
         variants, lambda cfg: [lambda s=s: ba.run_kvpass_device(q, s, lengths, cfg) for s in stores], args.rounds)
@@ -178,6 +180,9 @@ def main():
     ap.add_argument("--mma-kernel", action="append", default=[], metavar="OLD_DECODE_MMA.py",
                     help="another templates/decode_mma.py whose launcher and kernel are timed beside the "
                          "package's, interleaved in this process (repeatable)")
+    ap.add_argument("--regs", default="", metavar="N[,N...]",
+                    help="(--table-store) the default config with DecodeConfig.max_regs = N (register cap per "
+                         "thread; the split plan fills the waves it allows), each timed in this process")
     ap.add_argument("--table-store", action="store_true",
                     help="the attention table's store and call (bench_attention.py) instead of a KVStore")
     ap.add_argument("--rounds", type=int, default=1, help="time the variants this many times, interleaved; "
