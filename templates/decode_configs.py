@@ -37,7 +37,9 @@ class DecodeConfig:
     pad_heads: int = 16        # dot variant: query rows per program padded to >= this (1 = exact)
     fuse_reduce: bool = True   # with several splits, the last program of a row reduces them (one launch)
     max_regs: int = 0          # registers per thread the compiler may use (Triton's maxnreg; 0: no cap). A cap
-                               # trades spills for more resident programs; ignored by the interpreter
+                               # trades spills for more resident programs (one-warp programs: 12 per
+                               # SM from 168 down, 16 from 128; caps of 171-255 keep 8, see
+                               # `resident_programs`); ignored by the interpreter
     use_mma: bool = False      # CUDA: the Gluon tensor-core kernel (MHA and GQA/MQA, masks too)
                                # (templates/decode_mma.py; `mma_unsupported` says when not)
     window_splits: int = -1    # Gluon kernel: splits that take the full-precision window rows alone.
@@ -145,6 +147,8 @@ class SMLimits:
     """Per-SM limits that bound resident programs (CUDA occupancy rules)."""
 
     regs: int = 65536          # 32-bit registers per SM
+    warp_granularity: int = 4  # warps held by an SM's registers come in multiples of this (one per
+                               # sub-partition: 4 on sm_70 and later, 2 on sm_60)
     max_warps: int = 64        # resident warps per SM
     max_blocks: int = 32       # resident blocks (programs) per SM: 32 on sm_80/sm_90, 16 on sm_86/87, 24 on sm_89
     shared: int = 233472       # shared memory per SM, bytes (228 KiB on sm_90)
@@ -155,15 +159,22 @@ def sm_limits(props) -> SMLimits:
     major, minor = getattr(props, "major", 9), getattr(props, "minor", 0)
     blocks = 16 if (major, minor) in ((8, 6), (8, 7)) else 24 if (major, minor) == (8, 9) else 32
     return SMLimits(regs=getattr(props, "regs_per_multiprocessor", 65536),
+                    warp_granularity=2 if (major, minor) == (6, 0) else 4,
                     max_warps=getattr(props, "max_threads_per_multi_processor", 2048) // 32,
                     max_blocks=blocks, shared=getattr(props, "shared_memory_per_multiprocessor", 233472))
 
 
 def resident_programs(n_regs: int, num_warps: int, shared_bytes: int, limits: SMLimits = SMLimits()) -> int:
     """Programs of one compiled kernel resident at once on an SM: registers are allocated per warp
-    in units of 256 (8 per thread), then the warp, block and shared-memory limits."""
+    in units of 256 (8 per thread) and the warps they hold come in multiples of
+    `warp_granularity` (each sub-partition's register file holds whole warps: 200 registers per
+    thread fit 10 warps in 65536 registers but only 2 per 16384-register quarter, so 8), then the
+    warp, block and shared-memory limits. H100, session 18 (benchmarks/NOTES.md): a split plan for
+    10 one-warp programs per SM at 200 registers ran 40-50 % slower than the uncapped kernel's plan
+    for 8, as a second wave would."""
     regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
-    by_regs = limits.regs // (regs_per_warp * num_warps)
+    warps_by_regs = limits.regs // regs_per_warp // limits.warp_granularity * limits.warp_granularity
+    by_regs = warps_by_regs // num_warps
     by_warps = limits.max_warps // num_warps
     by_smem = limits.shared // shared_bytes if shared_bytes > 0 else limits.max_blocks
     return max(1, min(by_regs, by_warps, by_smem, limits.max_blocks))

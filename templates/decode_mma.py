@@ -77,10 +77,11 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 def resident_per_sm(max_regs: int) -> int:
-    """One-warp programs resident per SM for the split plan: 65536 registers / (32 x registers per
-    thread; uncapped the kernel takes ~236-255), at most 32 programs per SM."""
-    regs = max_regs or 255
-    return max(1, min(32, 65536 // (32 * (-(-regs // 8) * 8))))
+    """One-warp programs resident per SM for the split plan (`decode_configs.resident_programs`, H100
+    limits) at `max_regs` registers per thread (0: uncapped, where the kernel takes ~236-255): 8 up to
+    a cap of 171 registers, 12 from 168 down, 16 from 128 down."""
+    from kvpass.templates.decode_configs import resident_programs
+    return resident_programs(max_regs or 255, 1, 0)
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 OPA = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
 OPB = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))

@@ -53,9 +53,11 @@ def test_candidates_start_with_the_rule_and_are_distinct():
 
 def test_resident_programs_follow_the_occupancy_rules():
     h100 = dc.SMLimits()
-    assert dc.resident_programs(220, 1, 0, h100) == 9      # 224 x 32 registers per warp: 9 warps fit
+    assert dc.resident_programs(220, 1, 0, h100) == 8      # 224 x 32 per warp: 9 fit the SM, 2 each quarter
+    assert dc.resident_programs(200, 1, 0, h100) == 8      # 10 warps' registers, in multiples of 4
+    assert dc.resident_programs(168, 1, 0, h100) == 12     # 5376 per warp: 3 in each 16384-register quarter
     assert dc.resident_programs(128, 2, 0, h100) == 8      # 8192 registers per program
-    assert dc.resident_programs(148, 2, 0, h100) == 6      # 152 rounds up: 9728 per program
+    assert dc.resident_programs(148, 2, 0, h100) == 6      # 152 rounds up: 13 warps' registers -> 12
     assert dc.resident_programs(32, 1, 0, h100) == 32      # the block limit
     assert dc.resident_programs(32, 4, 0, h100) == 16      # the warp limit (64 warps)
     assert dc.resident_programs(64, 4, 100_000, h100) == 2  # shared memory

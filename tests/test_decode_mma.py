@@ -234,6 +234,14 @@ def test_mma_falls_back_on_misaligned_code_rows(caplog):
     _assert_close_to_golden(out, q, st, None, st.length, da.DecodeConfig(use_dot=True, pad_heads=1))
 
 
+def test_split_plan_counts_the_programs_a_register_cap_lets_reside():
+    """A cap only adds resident one-warp programs where each quarter of the SM's registers holds one
+    more warp (3 at <= 170 registers, 4 at <= 128); 200 still means 8 (session 18: a plan for 10 ran
+    as a second wave, 40-50 % slower)."""
+    from kvpass.templates import decode_mma
+    assert [decode_mma.resident_per_sm(r) for r in (0, 255, 200, 176, 168, 128)] == [8, 8, 8, 8, 12, 16]
+
+
 @gpu_only
 @pytest.mark.parametrize("max_regs", [128, 168])
 def test_mma_with_a_register_cap(max_regs):
