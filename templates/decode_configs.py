@@ -38,7 +38,7 @@ class DecodeConfig:
     fuse_reduce: bool = True   # with several splits, the last program of a row reduces them (one launch)
     max_regs: int = 0          # registers per thread the compiler may use (Triton's maxnreg; 0: no cap). A cap
                                # trades spills for more resident programs (one-warp programs: 12 per
-                               # SM from 168 down, 16 from 128; caps of 171-255 keep 8, see
+                               # SM from 168 down, 16 from 128; caps of 169-255 keep 8, see
                                # `resident_programs`); ignored by the interpreter
     use_mma: bool = False      # CUDA: the Gluon tensor-core kernel (MHA and GQA/MQA, masks too)
                                # (templates/decode_mma.py; `mma_unsupported` says when not)

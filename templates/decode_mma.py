@@ -63,6 +63,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from kvpass.templates.decode_attention import _log_once
+from kvpass.templates.decode_configs import resident_programs
 
 log = logging.getLogger("kvpass")
 
@@ -77,11 +78,12 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 def resident_per_sm(max_regs: int) -> int:
-    """One-warp programs resident per SM for the split plan (`decode_configs.resident_programs`, H100
-    limits) at `max_regs` registers per thread (0: uncapped, where the kernel takes ~236-255): 8 up to
-    a cap of 171 registers, 12 from 168 down, 16 from 128 down."""
-    from kvpass.templates.decode_configs import resident_programs
+    """One-warp programs resident per SM for the split plan (`resident_programs`, H100 limits) at
+    `max_regs` registers per thread (0: uncapped, where the kernel takes ~236-255): 8 uncapped and
+    for caps down to 169, 12 for caps of 129-168, 16 from 128 down."""
     return resident_programs(max_regs or 255, 1, 0)
+
+
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 OPA = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
 OPB = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
