@@ -124,11 +124,17 @@ def with_mma(fn, module):
 def interleaved_us(variants, calls_for, rounds: int) -> dict:
     """{tag: [us of each round]} of variants (tag, config, mma module or None): each round times every
     variant once, graph-timed over `calls_for(config)` (one call per store copy), so that a drift of
-    the clocks hits all variants alike."""
+    the clocks hits all variants alike. With several rounds, one more round goes first and is not
+    kept: in session 18's A/Bs the first round of a shape was often 2-6 % faster than the next two
+    (results/ab_s18.log: 13.56 then 14.45, 14.46 us; 27.71 then 28.50, 28.54), which a median of 3
+    only just absorbs."""
     timings = {tag: [] for tag, _, _ in variants}
-    for _ in range(rounds):
+    warmup = 1 if rounds > 1 else 0
+    for r in range(warmup + rounds):
         for tag, cfg, module in variants:
-            timings[tag].append(graph_us([with_mma(fn, module) for fn in calls_for(cfg)]))
+            us = graph_us([with_mma(fn, module) for fn in calls_for(cfg)])
+            if r >= warmup:
+                timings[tag].append(us)
     return timings
 
 
