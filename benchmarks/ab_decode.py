@@ -198,6 +198,8 @@ def main():
                     help="an attention mask [1, 1, 1, kv_len] as HF passes it (attend to the stored tokens, "
                          "not the static tail)")
     args = ap.parse_args()
+    if args.regs and not args.table_store:
+        ap.error(f"--regs {args.regs} times register caps in the table's store only: add --table-store")
     if args.kernel:
         load_kernel_module(args.kernel)
     use_variant(args.old_reduce, args.reduce_block)
