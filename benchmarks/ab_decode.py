@@ -159,9 +159,12 @@ def table_ab(args, q, B, Hq, H, T, n):
     variants += [(f"mma_kernel={path}", base, load_mma_module(path)) for path in args.mma_kernel]
     timings = interleaved_us(
         variants, lambda cfg: [lambda s=s: ba.run_kvpass_device(q, s, lengths, cfg) for s in stores], args.rounds)
-    for tag, _, _ in variants:
-        print(f"AB {tag} {B}x{Hq}x{H}x{T} b{args.bits} g{args.group} table store: {median_text(timings[tag])}",
-              flush=True)
+    ref = ba.run_kvpass_device(q, stores[0], lengths, base).float()
+    for tag, cfg, module in variants:
+        got = with_mma(lambda: ba.run_kvpass_device(q, stores[0], lengths, cfg), module)().float()
+        print(f"AB {tag} {B}x{Hq}x{H}x{T} b{args.bits} g{args.group} table store: {median_text(timings[tag])} "
+              f"(max |variant - package default| {(got - ref).abs().max().item():.2e}, "
+              f"max |default| {ref.abs().max().item():.2e})", flush=True)
 
 
 def main():

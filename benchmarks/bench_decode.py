@@ -51,6 +51,53 @@ def llama7b_config(layers: int, kv_heads: int = 32):
     return cfg
 
 
+PACKED_GQA = "kvpass_bench_sdpa_packed_gqa"
+
+
+def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                         **kwargs):
+    """The bf16 baseline's GQA-aware attention (kinds `bf16_static_packed*`): HF's sdpa attention,
+    except that a single query token attends on the KV heads directly. q [B, Hq, 1, D] ->
+    [B, Hkv, rep, D] (the rep query heads of a KV head as query rows) over k/v [B, Hkv, T, D], the
+    decode mask [B, 1, 1, T] broadcast over them: no `repeat_kv` copy of the cache, which HF's sdpa path
+    makes under torch.compile (transformers' own `pack_gqa` does this reshape only outside
+    torch.compile). Anything else goes to HF's sdpa attention unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rep = getattr(module, "num_key_value_groups", 1)
+    B, Hq, Tq, D = query.shape
+    if Tq != 1 or rep == 1 or (attention_mask is not None and attention_mask.shape[1] != 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(  # [B, Hkv, rep, D]
+        query.reshape(B, Hq // rep, rep, D), key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(B, Hq, 1, D).transpose(1, 2).contiguous(), None
+
+
+def register_packed_gqa():
+    """Make PACKED_GQA a name HF models accept as their attention implementation (sdpa's masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_GQA, packed_gqa_attention)
+    AttentionMaskInterface.register(PACKED_GQA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+class attention_implementation:
+    """`with attention_implementation(model, name):` the model's attention layers call `name` (the
+    config every Llama module reads at each forward), then the previous one again."""
+
+    def __init__(self, model, name):
+        self.config, self.name = model.config, name
+
+    def __enter__(self):
+        self.prev = self.config._attn_implementation
+        self.config._attn_implementation = self.name
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.prev
+
+
 def build_model(cfg):
     from transformers import LlamaForCausalLM
 
@@ -75,6 +122,8 @@ def peak_gb():
 
 
 LOOPS = ("sync", "async")
+BF16_FORWARDS = ("bf16_static", "bf16_static_graphs", "bf16_static_packed", "bf16_static_packed_graphs")
+KINDS = ("kvpass2", "kvpass2_static_graphs") + BF16_FORWARDS
 
 
 def decode_loop(step, first, cache, steps, warmup, start_pos, static, loop="sync"):
@@ -412,7 +461,9 @@ def main():
     ap.add_argument("--name", default="decode", help="output files NAME.csv and NAME_extra.json")
     ap.add_argument("--kinds", default="kvpass2,bf16_static,kvpass2_static_graphs,bf16_static_graphs",
                     help="kvpass2 (DynamicCache), kvpass2_static_graphs (StaticCache, mode='reduce-overhead'), "
-                         "bf16_static (Inductor), bf16_static_graphs (Inductor, mode='reduce-overhead')")
+                         "bf16_static (Inductor), bf16_static_graphs (Inductor, mode='reduce-overhead'), "
+                         "bf16_static_packed, bf16_static_packed_graphs (the same with GQA-aware decode attention, "
+                         "packed_gqa_attention: no repeat_kv copy)")
     ap.add_argument("--loops", default="sync", help="comma list of decode loops for the static-cache kinds: "
                     "sync (host-built position, blocking copy per step), async (position advanced on the device)")
     ap.add_argument("--host-steps", type=int, default=0,
@@ -431,6 +482,14 @@ def main():
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     args = ap.parse_args()
     PREFILL_CHUNK = args.prefill_chunk
+    kinds = args.kinds.split(",")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise SystemExit(f"--kinds: {kind!r} is not valid: use {', '.join(KINDS)}")
+    loops = args.loops.split(",")
+    for loop in loops:
+        if loop not in LOOPS:
+            raise SystemExit(f"--loops: {loop!r} is not valid: use {', '.join(LOOPS)}")
     os.makedirs(args.out, exist_ok=True)
     import kvpass
     import triton
@@ -451,6 +510,9 @@ def main():
     base_graph_fwd = torch.compile(model.forward, backend="eager" if DRY else "inductor", dynamic=False, **graphs)
     kv_graph_backend = kvpass.backend(bits=2, group_size=32, residual_length=128, inner=inner)
     kv_graph_fwd = torch.compile(model.forward, backend=kv_graph_backend, dynamic=False, **graphs)
+    register_packed_gqa()
+    packed_fwd = torch.compile(model.forward, backend="eager" if DRY else "inductor", dynamic=True)
+    packed_graph_fwd = torch.compile(model.forward, backend="eager" if DRY else "inductor", dynamic=False, **graphs)
     rows = []
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     if DRY:
@@ -463,18 +525,13 @@ def main():
             extras["host_overheads"] = host_overheads(cfg)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
-    kinds = args.kinds.split(",")
-    loops = args.loops.split(",")
-    for loop in loops:
-        if loop not in LOOPS:
-            raise SystemExit(f"--loops: {loop!r} is not valid: use {', '.join(LOOPS)}")
     runs = [(kind, loop) for kind in kinds for loop in (loops if "static" in kind else ["sync"])]
     for P, B in configs:
         for kind, loop in runs:
             if (kind.startswith("bf16") and args.skip_baseline) or (kind.startswith("kvpass2") and args.skip_kvpass):
                 continue
             need = cache_bytes_per_token(cfg) * (P + args.steps + args.warmup) * B
-            if kind in ("bf16_static", "bf16_static_graphs", "kvpass2_static_graphs") and not DRY and need + weights > torch.cuda.mem_get_info()[1] * 0.95:
+            if kind in BF16_FORWARDS + ("kvpass2_static_graphs",) and not DRY and need + weights > torch.cuda.mem_get_info()[1] * 0.95:
                 row = dict(kind=kind, loop=loop, prompt=P, batch=B, tokens_per_s="", ms_per_step="", peak_gb="",
                            note=f"does not fit: bf16 cache {need / 2**30:.0f} GiB + weights {weights / 2**30:.1f} GiB")
                 print(row)
@@ -493,12 +550,11 @@ def main():
                 elif kind == "kvpass2_static_graphs":
                     res = run_kvpass_static(model, cfg, P, B, args.steps, args.warmup, kv_graph_fwd, loop, args.host_steps,
                                             args.kernel_steps)
-                elif kind == "bf16_static_graphs":
-                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_graph_fwd, loop=loop,
-                                       host_steps=args.host_steps, kernel_steps=args.kernel_steps)
                 else:
-                    res = run_baseline(model, cfg, P, B, args.steps, args.warmup, base_fwd, loop=loop,
-                                       host_steps=args.host_steps, kernel_steps=args.kernel_steps)
+                    fwd = dict(zip(BF16_FORWARDS, (base_fwd, base_graph_fwd, packed_fwd, packed_graph_fwd)))[kind]
+                    with attention_implementation(model, PACKED_GQA if "packed" in kind else cfg._attn_implementation):
+                        res = run_baseline(model, cfg, P, B, args.steps, args.warmup, fwd, loop=loop,
+                                           host_steps=args.host_steps, kernel_steps=args.kernel_steps)
                 profile_text = res.pop("host_profile", None)
                 if profile_text:
                     with open(os.path.join(args.out, f"host_profile_{kind}_{loop}_{P}x{B}.txt"), "w") as f:
