@@ -6,7 +6,7 @@ reaches Lq has no window tokens to add), in host- or device-lengths mode.
 
     PYTHONPATH=. python3 benchmarks/ab_decode.py --shapes 1x32x16384,8x32x8x16384 [--bits 2] [--group 32]
         [--old-reduce] [--empty-window] [--host-lengths] [--mask bool|additive] [--kernel OLD_DECODE_ATTENTION.py]
-        [--tag NAME] [--window-splits=-1,0] [--rounds 3] [--table-store [--regs 0,168]] [--mma-kernel OLD_DECODE_MMA.py]
+        [--tag NAME] [--window-splits=-1,0] [--rounds 3] [--table-store [--regs 0,168] [--fuse-reduce 0,1]] [--mma-kernel OLD_DECODE_MMA.py]
 
 Prints one line per shape: tag, shape, bits, group, lengths mode, microseconds per call.
 """
@@ -156,6 +156,8 @@ def table_ab(args, q, B, Hq, H, T, n):
                 for w in (args.window_splits or "-1").split(",")]
     variants += [(f"package max_regs={r}", dataclasses.replace(base, max_regs=int(r)), None)
                  for r in args.regs.split(",") if args.regs]
+    variants += [(f"package fuse_reduce={f}", dataclasses.replace(base, fuse_reduce=bool(int(f))), None)
+                 for f in args.fuse_reduce.split(",") if args.fuse_reduce]
     variants += [(f"mma_kernel={path}", base, load_mma_module(path)) for path in args.mma_kernel]
     timings = interleaved_us(
         variants, lambda cfg: [lambda s=s: ba.run_kvpass_device(q, s, lengths, cfg) for s in stores], args.rounds)
@@ -192,6 +194,9 @@ def main():
     ap.add_argument("--regs", default="", metavar="N[,N...]",
                     help="(--table-store) the default config with DecodeConfig.max_regs = N (register cap per "
                          "thread; the split plan fills the waves it allows), each timed in this process")
+    ap.add_argument("--fuse-reduce", default="", metavar="0|1[,...]",
+                    help="(--table-store) the default config with DecodeConfig.fuse_reduce = 0/1 (the Gluon kernel "
+                         "reduces MHA splits in the kernel when 1), each timed in this process")
     ap.add_argument("--table-store", action="store_true",
                     help="the attention table's store and call (bench_attention.py) instead of a KVStore")
     ap.add_argument("--rounds", type=int, default=1, help="time the variants this many times, interleaved; "
@@ -201,8 +206,9 @@ def main():
                     help="an attention mask [1, 1, 1, kv_len] as HF passes it (attend to the stored tokens, "
                          "not the static tail)")
     args = ap.parse_args()
-    if args.regs and not args.table_store:
-        ap.error(f"--regs {args.regs} times register caps in the table's store only: add --table-store")
+    for flag, value in (("--regs", args.regs), ("--fuse-reduce", args.fuse_reduce)):
+        if value and not args.table_store:
+            ap.error(f"{flag} {value} is timed in the table's store only: add --table-store")
     if args.kernel:
         load_kernel_module(args.kernel)
     use_variant(args.old_reduce, args.reduce_block)

@@ -72,11 +72,13 @@ def compile_decode(variant: str, bits: int, group: int, head_dim: int, block_n: 
 
 
 def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnreg: int | None = None,
-                host_lengths: bool = False, mask: str = "none", softcap: float = 0.0, module=None):
+                host_lengths: bool = False, mask: str = "none", softcap: float = 0.0, module=None,
+                fuse_reduce: bool = True):
     """The Gluon kernel `_kvpass_decode_mma` compiled for sm_90 as `decode_attention_mma` launches it
     (one warp, pointers and strides % 16 except the runtime lengths, qk_scale and the mask's key
     stride; device lengths unless host_lengths; mask none, bool or additive, the same for all
-    heads, or bool-heads / additive-heads). module: another decode_mma.py's module
+    heads, or bool-heads / additive-heads; the split reduce in the kernel for rep 1 when fuse_reduce,
+    as the default config launches MHA). module: another decode_mma.py's module
     (`ab_decode.load_mma_module`), else the package's."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from kvpass.templates import decode_mma
@@ -85,10 +87,10 @@ def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnre
     kind = mask.split("-")[0]
     const = dict(BITS=bits, GROUP_SIZE=group, HEAD_DIM=128, REP=rep, HOST_LENS=host_lengths,
                  MASK_KIND={"none": 0, "bool": 1, "additive": 2}[kind], MASK_HEADS=mask.endswith("-heads"),
-                 SOFTCAP=softcap * da.LOG2E)
+                 SOFTCAP=softcap * da.LOG2E, FUSE_REDUCE=fuse_reduce and rep == 1)
     ptr = dict(Q=f"*{dtype}", KC="*i32", KS="*fp16", KZ="*fp16", VC="*i32", VS="*fp16", VZ="*fp16", RK=f"*{dtype}",
                RV=f"*{dtype}", MASK="*u8" if kind == "bool" else f"*{dtype}", OP="*fp32", OM="*fp32", OL="*fp32",
-               LENS="*i32")
+               LENS="*i32", OUT=f"*{dtype}", CNT="*i32")
     sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in const and not n.startswith("WIN_")
@@ -178,7 +180,8 @@ def main():
     ap.add_argument("--block-n", type=int, default=32)
     ap.add_argument("--warps", type=int, default=2)
     ap.add_argument("--no-asm", action="store_true")
-    ap.add_argument("--separate-reduce", action="store_true", help="the reduce in a launch of its own (no fused epilogue)")
+    ap.add_argument("--separate-reduce", action="store_true", help="the reduce in a launch of its own (no fused "
+                    "epilogue; mma: rep 1 only, GQA always has it)")
     ap.add_argument("--device-lengths", action="store_true", help="the LENGTHS_ON_DEVICE specialization")
     ap.add_argument("--single", action="store_true", help="the one-split specialization (SINGLE)")
     ap.add_argument("--host-lengths", action="store_true", help="(mma) the HOST_LENS specialization")
@@ -204,10 +207,11 @@ def main():
     use_variant(a.old_reduce, a.reduce_block)
     if a.variant == "mma":
         k = compile_mma(a.bits, a.group, a.rep or 4, a.dtype, a.maxnreg, a.host_lengths, a.mask, a.softcap,
-                        load_mma_module(a.mma_kernel) if a.mma_kernel else None)
+                        load_mma_module(a.mma_kernel) if a.mma_kernel else None, not a.separate_reduce)
         report, sass = sass_report(k)
         lens = "host" if a.host_lengths else "device"
-        print(f"mma b{a.bits} g{a.group} rep {a.rep or 4} {a.dtype} {lens} lengths: {report}")
+        fused = ", reduce fused" if (a.rep or 4) == 1 and not a.separate_reduce else ""
+        print(f"mma b{a.bits} g{a.group} rep {a.rep or 4} {a.dtype} {lens} lengths{fused}: {report}")
     else:
         k = compile_decode(a.variant, a.bits, a.group, a.head_dim, a.block_n, a.warps, not a.no_asm,
                            not a.separate_reduce, a.device_lengths, a.single, a.stages, a.maxnreg, a.hb, a.rep,

@@ -35,7 +35,8 @@ class DecodeConfig:
                                # compiled kernel's resident programs (`wave_splits`)
     min_groups_per_split: int = 4
     pad_heads: int = 16        # dot variant: query rows per program padded to >= this (1 = exact)
-    fuse_reduce: bool = True   # with several splits, the last program of a row reduces them (one launch)
+    fuse_reduce: bool = True   # with several splits, the last program of a row reduces them (one launch;
+                               # Gluon kernel: MHA launches without window splits, `decode_mma.fuse_reduce`)
     max_regs: int = 0          # registers per thread the compiler may use (Triton's maxnreg; 0: no cap). A cap
                                # trades spills for more resident programs (one-warp programs: 12 per
                                # SM from 168 down, 16 from 128; caps of 169-255 keep 8, see

@@ -641,13 +641,45 @@ def _mask_bias(mv, MASK_KIND: gl.constexpr, MASK_HEADS: gl.constexpr):
         return gl.expand_dims(b, 1)
 
 
+@gluon.jit
+def _fused_reduce(OP, OM, OL, OUT, orow, NUM_SPLITS_RT, HEAD_DIM: gl.constexpr):
+    """OUT[orow] (model dtype) from the NUM_SPLITS_RT partials of output row orow (OP [rows * splits,
+    HEAD_DIM], OM/OL [rows * splits] fp32), as `decode_attention._reduce_row` computes it, in one warp:
+    32 splits per round (one round of loads each), lane l holding channels [4l, 4l + 4). Loads bypass
+    L1 (.cg): other programs of the launch wrote these partials."""
+    RED: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[1, 1],
+                                         order=[1, 0])
+    SB: gl.constexpr = 32
+    sp = gl.arange(0, SB, gl.SliceLayout(1, RED))
+    d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, RED))
+    base = orow * NUM_SPLITS_RT
+    m_run = gl.max(gl.full([SB], float("-inf"), gl.float32, gl.SliceLayout(1, RED)), axis=0)
+    o = gl.zeros([HEAD_DIM], gl.float32, gl.SliceLayout(0, RED))
+    denom = gl.sum(gl.zeros([SB], gl.float32, gl.SliceLayout(1, RED)), axis=0)
+    for s0 in range(0, NUM_SPLITS_RT, SB):
+        s_ok = s0 + sp < NUM_SPLITS_RT
+        m = gl.load(OM + base + s0 + sp, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        lsum = gl.load(OL + base + s0 + sp, mask=s_ok, other=0.0, cache_modifier=".cg")
+        part = gl.load(OP + gl.expand_dims(base + s0 + sp, 1) * HEAD_DIM + gl.expand_dims(d, 0),
+                       mask=gl.expand_dims(s_ok, 1), other=0.0, cache_modifier=".cg")
+        m_new = gl.maximum(m_run, gl.max(m, axis=0))
+        ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_run - ref)
+        w = gl.where(m == float("-inf"), 0.0, gl.exp2(m - ref))
+        o = o * alpha + gl.sum(part * gl.expand_dims(w, 1), axis=0)
+        denom = denom * alpha + gl.sum(w * lsum, axis=0)
+        m_run = m_new
+    gl.store(OUT + orow * HEAD_DIM + d, (o / denom).to(OUT.dtype.element_ty))
+
+
 @gluon.jit(do_not_specialize=["NUM_SPLITS_RT", "LQ_HOST", "L_HOST", "WIN_SPLITS", "WIN_COST", "WIN_MIN_STEPS"])
 def _kvpass_decode_mma(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, LENS,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, MASK, OP, OM, OL, LENS, OUT, CNT,
     s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh, s_rb, s_rh, s_mb, s_mh, s_mk,
     KV_LEN, NUM_SPLITS_RT, LQ_HOST, L_HOST, WIN_SPLITS, WIN_COST, WIN_MIN_STEPS, qk_scale,
     BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, REP: gl.constexpr,
     HOST_LENS: gl.constexpr, MASK_KIND: gl.constexpr, MASK_HEADS: gl.constexpr, SOFTCAP: gl.constexpr = 0.0,
+    FUSE_REDUCE: gl.constexpr = False,
 ):
     """Constexprs: BITS (2, 4), GROUP_SIZE (32, 64, 128: one group per 32-token step or a multiple),
     HEAD_DIM (128), REP (1..8), HOST_LENS (Lq, L from LQ_HOST, L_HOST instead of LENS[0], LENS[1]),
@@ -661,11 +693,14 @@ def _kvpass_decode_mma(
     WIN_MIN_STEPS 0: whenever there are such splits; WIN_COST -1: never); otherwise the quantized
     tokens go over all splits and every split takes every S-th window row. Writes the split's
     (acc, m, l) for `_kvpass_decode_reduce`, as
-    `_kvpass_decode_dot` does. The mask values of a step's scores are loaded with its keys, one
+    `_kvpass_decode_dot` does; FUSE_REDUCE (REP 1 only): the program that finishes a head's splits
+    last (ticket in CNT int32 [B * Hkv], zero between launches) reduces them into OUT [B, Hq, 1, D]
+    itself (`_fused_reduce`), no reduce launch. The mask values of a step's scores are loaded with its keys, one
     iteration before they are read (as the keys are)."""
     gl.static_assert(BITS == 2 or BITS == 4, "BITS must be 2 or 4")
     gl.static_assert(HEAD_DIM == 128, "HEAD_DIM must be 128")
     gl.static_assert(REP >= 1 and REP <= 8, "REP (query heads per KV head) must be 1..8")
+    gl.static_assert(REP == 1 or not FUSE_REDUCE, "FUSE_REDUCE is for REP 1 (MHA) only")
     gl.static_assert(GROUP_SIZE == 32 or GROUP_SIZE == 64 or GROUP_SIZE == 128,
                      "GROUP_SIZE must be 32, 64 or 128 (one key group per 32-token step or several steps)")
     DT: gl.constexpr = Q.dtype.element_ty
@@ -853,6 +888,14 @@ def _kvpass_decode_mma(
              mask=omask & gl.expand_dims(od >= 0, 1))
     gl.store(OM + row, m_i, mask=oh < REP)
     gl.store(OL + row, l_i, mask=oh < REP)
+    if FUSE_REDUCE:   # REP 1: the program that finishes a head's splits last reduces them into OUT
+        # the barrier orders every lane's stores before the gpu-scope acq_rel ticket (release); the last
+        # ticket's acquire makes all splits' partials visible to its loads (as `_last_split`)
+        _cta_barrier()
+        cnt = CNT + pid_b * gl.num_programs(1) + pid_h
+        if gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS_RT - 1:
+            gl.store(cnt, 0)   # zero between launches: a CUDA-graph replay reuses the counter
+            _fused_reduce(OP, OM, OL, OUT, pid_b * gl.num_programs(1) + pid_h, NUM_SPLITS_RT, HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -951,10 +994,9 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     model's logit softcap (0: none). Buffers and the
     two length modes as `decode_attention` documents them: device `lengths`, or (lengths None)
     host_lengths = (Lq, L), then the splits follow Lq instead of the capacity kv_len. The split reduce
-    is always a launch of its own here (DecodeConfig.fuse_reduce is not used): a fused one, where the
-    program that finishes a KV head's splits last reduces its REP rows, was measured in session 14
-    and lost (B1 T16k 16.8 -> 33.0 us, B8 52.4 -> 55.4; one warp walks REP x splits/16 dependent
-    rounds of loads that the separate launch spreads over B * Hq programs; results/ab_mma_s14.log)."""
+    runs in the kernel for MHA launches without window splits (`fuse_reduce`), else as a launch of its own (GQA: a fused
+    one lost in session 14, B1 T16k 16.8 -> 33.0 us, B8 52.4 -> 55.4; one warp walks REP x splits/16
+    dependent rounds of loads that the separate launch spreads over B * Hq programs; results/ab_mma_s14.log)."""
     from kvpass.templates import decode_attention as da
     B, Hq, _, D = q.shape
     H = res_k.shape[1]
@@ -980,20 +1022,34 @@ def decode_attention_mma(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     om = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
     ol = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
     mask_kind, mask_t, s_m = mask
+    fuse = fuse_reduce(config, rep, S, window[0])
     try:
         _kvpass_decode_mma[(S, H, B)](
             q, kc, k_scale, k_zero, vc, v_scale, v_zero, res_k, res_v, q if mask_t is None else mask_t, op, om, ol,
-            q if host else lengths,
+            q if host else lengths, out, da.split_counters(q.device, B * H) if fuse else q,
             q.stride(0), q.stride(1), *part_strides, rs[0], rs[1], *s_m,
             kv_len, S, host_lengths[0], host_lengths[1], *window, sm_scale * da.LOG2E,
             BITS=key_bits, GROUP_SIZE=group_size, HEAD_DIM=D, REP=rep, HOST_LENS=host, MASK_KIND=mask_kind,
-            MASK_HEADS=mask_kind != 0 and s_m[1] != 0, num_warps=1,
+            MASK_HEADS=mask_kind != 0 and s_m[1] != 0, FUSE_REDUCE=fuse, num_warps=1,
             **({"maxnreg": config.max_regs} if config.max_regs else {}),
             **({"SOFTCAP": float(softcap) * da.LOG2E} if softcap else {}))
     except CompilationError as e:   # raised before anything runs: the caller can take another kernel
         last = (str(e).strip().splitlines() or ["?"])[-1]
         _COMPILE_FAILURE.append(f"does not compile with Triton {triton.__version__} ({last[:200]})")
         raise GluonCompileError(_COMPILE_FAILURE[0]) from e
-    da._kvpass_decode_reduce[(B * Hq,)](op, om, ol, out, S, HEAD_DIM=D, D_PAD=D,
-                                        S_BLOCK=min(64, max(2, da._next_pow2(S))), num_warps=4)
+    if not fuse:
+        da._kvpass_decode_reduce[(B * Hq,)](op, om, ol, out, S, HEAD_DIM=D, D_PAD=D,
+                                            S_BLOCK=min(64, max(2, da._next_pow2(S))), num_warps=4)
     return out
+
+
+def fuse_reduce(config, rep: int, splits: int, window_splits: int) -> bool:
+    """Whether a launch reduces its splits in the kernel (`_fused_reduce`) instead of a reduce launch:
+    config.fuse_reduce, MHA (rep 1: one output row per KV head), more than one split, and no splits
+    set aside for the window (`window_splits`). H100, one process, attention-table stores, 2-bit G32
+    unless said (benchmarks/NOTES.md, session 19), reduce launch -> fused: MHA batch 1 4k 14.29 ->
+    13.61 us, batch 8 16k 167.5 -> 166.5, but batch 1 16k 28.68 -> 28.96, 32k 48.52 -> 48.65, 4-bit 16k
+    37.93 -> 38.23, 32k 66.95 -> 67.34: the launches with window splits lost, those without gained
+    (why is not known). GQA keeps the reduce launch: a fused one measured 16.8 -> 33.0 us at batch 1
+    16k in session 14 (one warp walks REP rows of 132 splits)."""
+    return bool(config.fuse_reduce) and rep == 1 and splits > 1 and window_splits == 0

@@ -5,11 +5,15 @@ CPU skips those and the device tool runs them; CI does build the kernel for sm_9
 own Triton (`test_mma_compiles_for_sm90_with_the_installed_triton`) and checks the fallbacks."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from test_decode_device_lengths import _assert_close_to_golden, _device_call, _exact_store, _host_mode, _mask  # noqa: E402 (sets
-from test_kernels import _q  # noqa: E402                                 TRITON_INTERPRET on CPU)
+# (importing the shared helpers sets TRITON_INTERPRET on CPU)
+from test_decode_device_lengths import (_assert_close_to_golden, _device_call, _exact_store, _host_mode,  # noqa: E402
+                                       _mask, _poisoned_parts, _window)
+from test_kernels import _q  # noqa: E402
 
 from kvpass.templates import decode_attention as da  # noqa: E402
 
@@ -174,6 +178,40 @@ def test_launcher_passes_the_window_splits_it_plans(wsplits, monkeypatch):
     assert grid[0] == planned + plan[0]   # the plan's splits plus the window's own
 
 
+@pytest.mark.parametrize("rep,fuse,wsplits", [(1, True, 0), (1, False, 0), (4, True, 0), (1, True, 3)])
+def test_launcher_fuses_the_reduce_for_mha_only(rep, fuse, wsplits, monkeypatch):
+    """MHA launches (rep 1) with DecodeConfig.fuse_reduce and no window splits reduce in the kernel
+    (FUSE_REDUCE, the output and zeroed counters passed, no reduce launch); fuse_reduce=False, GQA
+    and launches with window splits launch the reduce (CPU, the kernels replaced by recorders)."""
+    from kvpass.templates import decode_mma
+
+    names = decode_mma._kvpass_decode_mma.arg_names
+    launches = []
+
+    class _Recorder:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.kind, grid, args, kw))
+
+    monkeypatch.setattr(decode_mma, "_kvpass_decode_mma", _Recorder("decode"))
+    monkeypatch.setattr(da, "_kvpass_decode_reduce", _Recorder("reduce"))
+    monkeypatch.setattr(decode_mma, "mma_unsupported", lambda *a, **k: None)
+    st = _exact_store(1, 2, 128, 4096, 4196, 2, 2, 32, BF16, 3)
+    q = _q(1, 2 * rep, 128, BF16, 3)
+    cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, fuse_reduce=fuse, window_splits=wsplits)
+    out = _device_call(q, st, 4196, None, cfg, seed=3)
+    ((_, grid, args, kw),) = [x for x in launches if x[0] == "decode"]
+    arg = dict(zip(names, args))
+    fused = fuse and rep == 1 and wsplits == 0
+    assert grid[0] > 1 and kw["FUSE_REDUCE"] is fused
+    assert [x[0] for x in launches] == (["decode"] if fused else ["decode", "reduce"])
+    if fused:
+        assert arg["OUT"] is out and arg["CNT"].dtype == torch.int32 and arg["CNT"].numel() >= 2
+        assert not arg["CNT"].any(), "the counters must be zero before a launch"
+
+
 # (bits, G, dtype, rep, Lq, L, kv_len, mask kind): logit softcap (Gemma2) in both length modes
 SOFTCAP_CASES = {
     "gqa_bf16_tail": (2, 32, BF16, 4, 640, 700, 800, None),
@@ -252,6 +290,42 @@ def test_mma_with_a_register_cap(max_regs):
     cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=1, max_regs=max_regs)
     out = _device_call(q, st, kv_len, None, cfg, seed=max_regs)
     _assert_close_to_golden(out, q, st, None, kv_len, da.DecodeConfig(use_dot=True, pad_heads=1))
+
+
+@gpu_only
+@pytest.mark.parametrize("bits,G,dtype,Lq,L,kv_len", [(2, 32, BF16, 4096, 4196, 4300), (4, 64, FP16, 640, 700, 720)])
+def test_mma_fused_reduce_matches_the_reduce_launch(bits, G, dtype, Lq, L, kv_len):
+    """MHA with the reduce in the kernel (the default without window splits) vs the reduce launch:
+    the same sums up to their order (a tree over 32 splits in one warp vs 64 in four), so within
+    an ulp of the output dtype; the fused one close to the golden; and the same again after a call
+    and CUDA-graph replays (the counters go back to zero after each launch)."""
+    B, H, D = 3, 4, 128
+    seed = bits * 100 + G
+    st = _exact_store(B, H, D, Lq, L, bits, bits, G, dtype, seed)
+    q = _q(B, H, D, dtype, seed)
+    fused = da.DecodeConfig(use_mma=True, ctas_per_sm=0, min_groups_per_split=1, window_splits=0)
+    separate = dataclasses.replace(fused, fuse_reduce=False)
+    out = _device_call(q, st, kv_len, None, fused, seed=seed)
+    _assert_close_to_golden(out, q, st, None, kv_len, da.DecodeConfig(use_dot=True, pad_heads=1))
+    ref = _device_call(q, st, kv_len, None, separate, seed=seed)
+    ulp = torch.finfo(dtype).eps * ref.abs().float().clamp_min(torch.finfo(dtype).tiny)
+    assert ((out.float() - ref.float()).abs() <= ulp).all(), "fused and launched reduce differ by more than an ulp"
+    parts = _poisoned_parts(st, kv_len, seed)
+    wk, wv = _window(st.res_k, 2 * G + 3), _window(st.res_v, 2 * G + 3)
+    lengths = torch.tensor([Lq, L, 0, 0], dtype=torch.int32, device="cuda")
+    static = q.new_full(q.shape, float("nan"))
+
+    def call():
+        return da.decode_attention(q, *parts, wk, wv, key_bits=bits, value_bits=bits, group_size=G, kv_len=kv_len,
+                                   config=fused, lengths=lengths, out=static)
+    call()   # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(3):
+        static.fill_(float("nan"))
+        graph.replay()
+        torch.testing.assert_close(static, out, rtol=0, atol=0)
 
 
 def test_default_gqa_config_falls_back_off_gpu(caplog):
