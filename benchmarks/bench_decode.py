@@ -513,6 +513,7 @@ def main():
     register_packed_gqa()
     packed_fwd = torch.compile(model.forward, backend="eager" if DRY else "inductor", dynamic=True)
     packed_graph_fwd = torch.compile(model.forward, backend="eager" if DRY else "inductor", dynamic=False, **graphs)
+    bf16_fwds = dict(zip(BF16_FORWARDS, (base_fwd, base_graph_fwd, packed_fwd, packed_graph_fwd)))
     rows = []
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     if DRY:
@@ -551,9 +552,8 @@ def main():
                     res = run_kvpass_static(model, cfg, P, B, args.steps, args.warmup, kv_graph_fwd, loop, args.host_steps,
                                             args.kernel_steps)
                 else:
-                    fwd = dict(zip(BF16_FORWARDS, (base_fwd, base_graph_fwd, packed_fwd, packed_graph_fwd)))[kind]
                     with attention_implementation(model, PACKED_GQA if "packed" in kind else cfg._attn_implementation):
-                        res = run_baseline(model, cfg, P, B, args.steps, args.warmup, fwd, loop=loop,
+                        res = run_baseline(model, cfg, P, B, args.steps, args.warmup, bf16_fwds[kind], loop=loop,
                                            host_steps=args.host_steps, kernel_steps=args.kernel_steps)
                 profile_text = res.pop("host_profile", None)
                 if profile_text:

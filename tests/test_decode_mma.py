@@ -141,6 +141,27 @@ def test_mma_window_splits_match_golden(case, mma_launches):
     assert mma_launches == [(0, 0), (Lq, L)], "the Gluon kernel did not run in both length modes"
 
 
+def _record_launches(monkeypatch) -> list:
+    """Replace the Gluon kernel and the split-reduce kernel by recorders, and accept every call for
+    the Gluon launcher (runs on the CPU): returns the list that collects (kind "decode" or "reduce",
+    grid, positional args, keyword args) per launch."""
+    from kvpass.templates import decode_mma
+
+    launches = []
+
+    class _Recorder:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.kind, grid, args, kw))
+
+    monkeypatch.setattr(decode_mma, "_kvpass_decode_mma", _Recorder("decode"))
+    monkeypatch.setattr(da, "_kvpass_decode_reduce", _Recorder("reduce"))
+    monkeypatch.setattr(decode_mma, "mma_unsupported", lambda *a, **k: None)
+    return launches
+
+
 @pytest.mark.parametrize("wsplits", [-1, 0, 3])
 def test_launcher_passes_the_window_splits_it_plans(wsplits, monkeypatch):
     """The launcher (CPU, the kernels replaced by recorders) launches the planned splits plus
@@ -149,27 +170,17 @@ def test_launcher_passes_the_window_splits_it_plans(wsplits, monkeypatch):
     from kvpass.templates import decode_mma
 
     names = decode_mma._kvpass_decode_mma.arg_names
-    launches, plans = [], []
-
-    class _Recorder:
-        def __init__(self, kind):
-            self.kind = kind
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((self.kind, grid, args))
-
+    plans = []
     real_plan = decode_mma.window_splits
     monkeypatch.setattr(decode_mma, "window_splits", lambda *a: plans.append(real_plan(*a)) or plans[-1])
-    monkeypatch.setattr(decode_mma, "_kvpass_decode_mma", _Recorder("decode"))
-    monkeypatch.setattr(da, "_kvpass_decode_reduce", _Recorder("reduce"))
-    monkeypatch.setattr(decode_mma, "mma_unsupported", lambda *a, **k: None)
+    launches = _record_launches(monkeypatch)
     st = _exact_store(1, 2, 128, 4096, 4196, 2, 2, 32, BF16, 7)
     q = _q(1, 8, 128, BF16, 7)
     cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, window_splits=wsplits)
     _device_call(q, st, 4196, None, cfg, seed=7)
     (plan,) = plans
-    ((_, grid, args),) = [x for x in launches if x[0] == "decode"]
-    ((_, _, reduce_args),) = [x for x in launches if x[0] == "reduce"]
+    ((_, grid, args, _),) = [x for x in launches if x[0] == "decode"]
+    ((_, _, reduce_args, _),) = [x for x in launches if x[0] == "reduce"]
     arg = dict(zip(names, args))
     assert (arg["WIN_SPLITS"], arg["WIN_COST"], arg["WIN_MIN_STEPS"]) == plan
     assert grid[0] == arg["NUM_SPLITS_RT"] == reduce_args[4]
@@ -186,18 +197,7 @@ def test_launcher_fuses_the_reduce_for_mha_only(rep, fuse, wsplits, monkeypatch)
     from kvpass.templates import decode_mma
 
     names = decode_mma._kvpass_decode_mma.arg_names
-    launches = []
-
-    class _Recorder:
-        def __init__(self, kind):
-            self.kind = kind
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((self.kind, grid, args, kw))
-
-    monkeypatch.setattr(decode_mma, "_kvpass_decode_mma", _Recorder("decode"))
-    monkeypatch.setattr(da, "_kvpass_decode_reduce", _Recorder("reduce"))
-    monkeypatch.setattr(decode_mma, "mma_unsupported", lambda *a, **k: None)
+    launches = _record_launches(monkeypatch)
     st = _exact_store(1, 2, 128, 4096, 4196, 2, 2, 32, BF16, 3)
     q = _q(1, 2 * rep, 128, BF16, 3)
     cfg = da.DecodeConfig(use_mma=True, ctas_per_sm=0, fuse_reduce=fuse, window_splits=wsplits)
