@@ -78,7 +78,7 @@ def compile_mma(bits: int, group: int, rep: int = 4, dtype: str = "bf16", maxnre
     (one warp, pointers and strides % 16 except the runtime lengths, qk_scale and the mask's key
     stride; device lengths unless host_lengths; mask none, bool or additive, the same for all
     heads, or bool-heads / additive-heads; the split reduce in the kernel for rep 1 when fuse_reduce,
-    as the default config launches MHA). module: another decode_mma.py's module
+    the build that MHA launches without window splits use, `decode_mma.fuse_reduce`). module: another decode_mma.py's module
     (`ab_decode.load_mma_module`), else the package's."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from kvpass.templates import decode_mma
